@@ -1,0 +1,34 @@
+"""liere: LieRE and the rotary position-encoding family behind one interface.
+
+pe = LieRE(head_dim=64, num_axes=2, num_heads=12, depth=12, block_size=8)
+rot = pe(grid_coords(14, 14))                 # Rotations for every layer, head and position
+q, k = rot[layer].apply(q), rot[layer].apply(k)
+"""
+
+from liere.absolute import LearnedAbsolute, NoPE, SinCosAbsolute
+from liere.attention import rotary_attention
+from liere.coords import grid_coords
+from liere.encoding import PositionEncoding
+from liere.expm import skew_expm
+from liere.factory import available, build, register
+from liere.lie import LieRE
+from liere.rope import AxialRoPE, RoPE, RoPEMixed
+from liere.rotations import Rotations
+
+__all__ = [
+    "AxialRoPE",
+    "LearnedAbsolute",
+    "LieRE",
+    "NoPE",
+    "PositionEncoding",
+    "RoPE",
+    "RoPEMixed",
+    "Rotations",
+    "SinCosAbsolute",
+    "available",
+    "build",
+    "grid_coords",
+    "register",
+    "rotary_attention",
+    "skew_expm",
+]

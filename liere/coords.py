@@ -1,0 +1,64 @@
+"""Token coordinates: grids for 1D/2D/3D token layouts and validation of user-supplied coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def grid_coords(
+    *shape: int,
+    spacing: float | Sequence[float] = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Coordinates of every cell of a row-major grid, shape ``(prod(shape), len(shape))``.
+
+    Axis ``a`` of cell index ``(i_0, ..., i_k)`` has coordinate ``i_a * spacing[a]``: with the default
+    ``spacing=1`` the coordinates are integer token/patch indices (the RoPE and rope-vit convention), so a
+    larger image simply has more positions at the same spacing. The official LieRE code instead squeezes
+    each axis into ``[0, 1]``; pass ``spacing=[1/(n-1) for n in shape]`` for that. Rows follow
+    ``torch.flatten`` order of a ``(*shape)`` tensor, i.e. the order of ``conv_out.flatten(2)`` tokens.
+
+    >>> grid_coords(2, 3)[:, 0].tolist(), grid_coords(2, 3)[:, 1].tolist()
+    ([0.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    """
+    if not shape:
+        raise ValueError("grid_coords: give at least one grid size, e.g. grid_coords(14, 14)")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
+        raise ValueError(f"grid_coords: shape must be positive ints, got {shape}")
+    spacings = [float(spacing)] * len(shape) if isinstance(spacing, (int, float)) else list(spacing)
+    if len(spacings) != len(shape):
+        raise ValueError(f"grid_coords: spacing has {len(spacings)} entries, expected one per axis ({len(shape)})")
+    axes = [torch.arange(n, device=device, dtype=dtype) * s for n, s in zip(shape, spacings, strict=True)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def check_coords(coords: Tensor, num_axes: int) -> Tensor:
+    """Validate ``coords`` of shape ``(n, num_axes)`` or ``(batch, n, num_axes)``; return them as 3-D.
+
+    The returned tensor has shape ``(S, n, num_axes)`` where ``S`` is 1 for coordinates shared by the
+    batch. Raises on wrong type, rank, axis count or non-finite values; nothing is broadcast silently.
+    """
+    if not isinstance(coords, Tensor):
+        raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
+    if not (coords.is_floating_point() or coords.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"coords must be a float or integer tensor, got dtype {coords.dtype}")
+    if coords.dim() not in (2, 3):
+        raise ValueError(
+            f"coords must have shape (n, num_axes) or (batch, n, num_axes) with num_axes={num_axes}, "
+            f"got shape {tuple(coords.shape)}"
+        )
+    if coords.shape[-1] != num_axes:
+        raise ValueError(
+            f"coords has {coords.shape[-1]} axes (last dim) but the encoding was built with "
+            f"num_axes={num_axes}; got shape {tuple(coords.shape)}"
+        )
+    if coords.shape[-2] == 0:
+        raise ValueError("coords must hold at least one position, got n=0")
+    # The finiteness check reads a value back from the device; torch.compile traces skip it (no graph break).
+    if coords.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(coords).all()):
+        raise ValueError("coords contain NaN or inf; every coordinate must be finite")
+    return coords if coords.dim() == 3 else coords.unsqueeze(0)

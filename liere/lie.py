@@ -1,0 +1,102 @@
+"""LieRE (Ostmeier et al., ICML 2025): rotations ``exp(sum_a p_a A_a)`` with learned skew generators."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.expm import skew_expm
+from liere.linalg import block_diag, num_skew_params, skew_from_params
+from liere.rope import default_theta, mixed_frequencies, pair_rotations
+from liere.rotations import Rotations
+
+INITS = ("rope", "uniform", "normal")
+
+
+class LieRE(PositionEncoding):
+    """Lie rotational position encoding with block-diagonal skew-symmetric generators.
+
+    Each of ``depth`` layers and ``num_heads`` heads has one generator ``A_a`` per axis: a block-diagonal
+    skew matrix with ``rot_dim / block_size`` blocks of size ``block_size`` (features beyond ``rot_dim`` pass
+    through). ``R(p) = exp(sum_a p_a A_a)``. ``block_size=2`` is RoPE-Mixed; ``block_size=head_dim`` is
+    dense LieRE. Pass ``depth=1`` / ``num_heads=1`` to share generators across layers / heads.
+
+    Parameters: ``generators`` of shape ``(depth, num_heads, num_axes, rot_dim / b, b (b-1) / 2)`` holding
+    each block's strictly-lower-triangle entries. Initialisations (``init``):
+
+    - ``"rope"`` (default): every block starts as 2x2 rotations with RoPE-Mixed frequencies
+      (``mixed_frequencies`` with ``theta``) on feature pairs and zeros elsewhere, so LieRE starts exactly
+      where RoPE-Mixed starts; suited to integer grid coordinates (``grid_coords`` default).
+    - ``"uniform"``: the paper's uniform ``[0, 2 pi)`` entries, meant for coordinates in ``[0, 1]``
+      (``grid_coords(..., spacing=1/(n-1))``); with integer coordinates norms reach the thousands.
+    - ``"normal"``: small-norm ``N(0, init_std^2)`` entries.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        num_heads: int = 1,
+        depth: int = 1,
+        block_size: int = 8,
+        rot_dim: int | None = None,
+        init: str = "rope",
+        theta: float | None = None,
+        init_std: float = 0.02,
+        method: str = "auto",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, depth)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        if not isinstance(block_size, int) or block_size < 2:
+            raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+        self.block_size = block_size
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, block_size, f"block_size={block_size}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init, self.method = init, method
+        self.theta = default_theta(num_axes) if theta is None else float(theta)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
+        shape = (depth, num_heads, num_axes, num_blocks, m)
+        if init == "uniform":
+            params = torch.rand(shape, generator=gen) * 2 * math.pi
+        elif init == "normal":
+            params = torch.randn(shape, generator=gen) * init_std
+        else:
+            params = self._rope_init(shape, gen)
+        self.generators = nn.Parameter(params)
+
+    def _rope_init(self, shape: tuple[int, ...], gen: torch.Generator | None) -> Tensor:
+        """Put RoPE-Mixed frequencies on the ``(2k+1, 2k)`` entries of each block, zeros elsewhere.
+
+        Pairs are numbered along the rotated width as in RoPE-Mixed (an odd block's last feature has none).
+        """
+        depth, heads, axes, num_blocks, _ = shape
+        b = self.block_size
+        pairs_per_block = b // 2
+        freqs = mixed_frequencies(num_blocks * pairs_per_block, axes, heads, depth, self.theta, gen)
+        rows, cols = torch.tril_indices(b, b, -1)
+        pair_entry = [int(((rows == 2 * k + 1) & (cols == 2 * k)).nonzero()) for k in range(pairs_per_block)]
+        params = torch.zeros(shape)
+        params[..., pair_entry] = freqs.unflatten(-1, (num_blocks, pairs_per_block))
+        return params
+
+    def generator_blocks(self) -> Tensor:
+        """Skew blocks ``(depth, num_heads, num_axes, rot_dim / b, b, b)``."""
+        return skew_from_params(self.generators, self.block_size)
+
+    def skew_generators(self) -> Tensor:
+        """Dense generators ``(depth, num_heads, num_axes, head_dim, head_dim)``: skew, block-diagonal."""
+        return block_diag(self.generator_blocks(), self.head_dim, fill_identity=False)
+
+    def rotations(self, coords: Tensor) -> Rotations:
+        params = self.generators.to(coords)
+        if self.block_size == 2:
+            return pair_rotations(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
+        gens = skew_from_params(params, self.block_size)
+        algebra = torch.einsum("sna,lhaiuv->lshniuv", coords, gens)
+        return Rotations(self.head_dim, blocks=skew_expm(algebra, method=self.method))

@@ -1,0 +1,229 @@
+"""``Rotations``: a batch of block-diagonal orthogonal matrices, the one object every encoding returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from liere.linalg import block_diag
+
+
+class Rotations:
+    """Block-diagonal orthogonal matrices ``R(p)`` for every layer, sample, head and position.
+
+    Three storage kinds, all with leading layout ``(depth, S, H, n)``, where ``S`` is 1 when coordinates
+    are shared by the batch (else the batch size) and ``H`` is 1 when heads share rotations:
+
+    - pairs (block size 2): ``cos``, ``sin`` of shape ``(depth, S, H, n, rot_dim // 2)``, applied
+      elementwise to the interleaved feature pairs ``(2j, 2j+1)`` exactly as rotary-embedding-torch does;
+    - blocks (block size ``b >= 3``): ``blocks`` of shape ``(depth, S, H, n, rot_dim // b, b, b)``, applied
+      with one batched matmul in which the batch dimension rides along the matrix columns;
+    - identity (additive or no encoding): nothing stored.
+
+    Features ``[rot_dim, head_dim)`` pass through unchanged. Use ``rot[i]`` for layer ``i``'s rotations
+    (or ``rot.for_layer(i)``, which also accepts depth-1 rotations shared by all layers).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        blocks: Tensor | None = None,
+        shape: tuple[int, int, int, int] | None = None,
+    ) -> None:
+        if blocks is not None:
+            if cos is not None or sin is not None:
+                raise ValueError("Rotations: give either cos/sin or blocks, not both")
+            if blocks.dim() != 7 or blocks.shape[-1] != blocks.shape[-2]:
+                raise ValueError(f"blocks must be (depth, S, H, n, nb, b, b), got {tuple(blocks.shape)}")
+            rot_dim, lead = blocks.shape[-3] * blocks.shape[-1], tuple(blocks.shape[:4])
+        elif cos is not None and sin is not None:
+            if cos.shape != sin.shape or cos.dim() != 5:
+                raise ValueError(
+                    f"cos and sin must both be (depth, S, H, n, pairs), got {tuple(cos.shape)} and {tuple(sin.shape)}"
+                )
+            rot_dim, lead = 2 * cos.shape[-1], tuple(cos.shape[:4])
+        elif cos is None and sin is None and shape is not None:
+            rot_dim, lead = 0, tuple(shape)
+        else:
+            raise ValueError("Rotations: give cos and sin, or blocks, or (for the identity) shape")
+        if rot_dim > head_dim:
+            raise ValueError(f"rotations cover {rot_dim} features but head_dim={head_dim}")
+        self.head_dim = head_dim
+        self.rot_dim = rot_dim
+        self.cos, self.sin, self.blocks = cos, sin, blocks
+        self._lead: tuple[int, int, int, int] = lead  # (depth, S, H, n)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def identity(cls, head_dim: int, num_positions: int, depth: int = 1) -> Rotations:
+        """Rotations that leave every vector unchanged (the result of additive or no encodings)."""
+        return cls(head_dim, shape=(depth, 1, 1, num_positions))
+
+    def _replace(self, **tensors: Tensor) -> Rotations:
+        """Same kind of rotations with new stored tensors (not for the identity)."""
+        if self.blocks is not None:
+            return Rotations(self.head_dim, blocks=tensors["blocks"])
+        return Rotations(self.head_dim, cos=tensors["cos"], sin=tensors["sin"])
+
+    def _map(self, fn: Any) -> Rotations:
+        """Apply ``fn`` to every stored tensor (same shape kind out)."""
+        if self.blocks is not None:
+            return self._replace(blocks=fn(self.blocks))
+        if self.cos is not None:
+            return self._replace(cos=fn(self.cos), sin=fn(self.sin))
+        return self
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def depth(self) -> int:
+        return self._lead[0]
+
+    @property
+    def num_positions(self) -> int:
+        return self._lead[3]
+
+    @property
+    def block_size(self) -> int:
+        """2 for pairs, ``b`` for blocks, 0 for the identity."""
+        if self.blocks is not None:
+            return self.blocks.shape[-1]
+        return 2 if self.cos is not None else 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.rot_dim == 0
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        stored = self.blocks if self.blocks is not None else self.cos
+        return None if stored is None else stored.dtype
+
+    def __len__(self) -> int:
+        return self.depth
+
+    def __repr__(self) -> str:
+        d, s, h, n = self._lead
+        return (
+            f"Rotations(depth={d}, samples={s}, heads={h}, positions={n}, head_dim={self.head_dim}, "
+            f"rot_dim={self.rot_dim}, block_size={self.block_size}, dtype={self.dtype})"
+        )
+
+    # ----------------------------------------------------------------- indexing and conversion
+    def __getitem__(self, layer: int) -> Rotations:
+        """Layer ``layer``'s rotations, as depth-1 ``Rotations``."""
+        if not isinstance(layer, int):
+            raise TypeError(f"Rotations index must be an int layer, got {type(layer).__name__}")
+        if not -self.depth <= layer < self.depth:
+            raise IndexError(f"layer {layer} out of range for Rotations of depth {self.depth}")
+        layer %= self.depth
+        if self.is_identity:
+            return Rotations(self.head_dim, shape=(1, *self._lead[1:]))
+        return self._map(lambda t: t[layer : layer + 1])
+
+    def for_layer(self, layer: int) -> Rotations:
+        """Rotations for layer ``layer``: ``self`` when depth is 1 (shared by all layers), else ``self[layer]``."""
+        return self if self.depth == 1 else self[layer]
+
+    def transpose(self) -> Rotations:
+        """The inverse rotations ``R(p)^T``."""
+        if self.blocks is not None:
+            return self._replace(blocks=self.blocks.transpose(-1, -2))
+        if self.cos is not None:
+            return self._replace(cos=self.cos, sin=-self.sin)
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> Rotations:
+        """Move/cast the stored tensors, with ``torch.Tensor.to``'s arguments."""
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def with_prefix(self, num_prefix_tokens: int) -> Rotations:
+        """Prepend ``num_prefix_tokens`` positions whose rotation is the identity (CLS, register tokens).
+
+        This is the one way to keep prefix tokens unrotated: every encoding's ``forward(coords,
+        num_prefix_tokens=k)`` calls it, so ``apply`` then expects ``k + n`` tokens, the first ``k`` untouched.
+        """
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if num_prefix_tokens == 0:
+            return self
+        if self.is_identity:
+            d, s, h, n = self._lead
+            return Rotations(self.head_dim, shape=(d, s, h, n + num_prefix_tokens))
+
+        def pad(t: Tensor, fill: Tensor) -> Tensor:
+            shape = list(t.shape)
+            shape[3] = num_prefix_tokens
+            return torch.cat([fill.to(t).expand(shape), t], dim=3)
+
+        one, zero = torch.ones(()), torch.zeros(())
+        if self.blocks is not None:
+            return self._replace(blocks=pad(self.blocks, torch.eye(self.block_size)))
+        return self._replace(cos=pad(self.cos, one), sin=pad(self.sin, zero))
+
+    def to_dense(self) -> Tensor:
+        """Full matrices, shape ``(depth, S, H, n, head_dim, head_dim)`` (for tests and plots)."""
+        if self.blocks is not None:
+            blocks = self.blocks
+        elif self.cos is not None:
+            blocks = torch.stack([self.cos, -self.sin, self.sin, self.cos], dim=-1).unflatten(-1, (2, 2))
+        else:
+            eye = torch.eye(self.head_dim)
+            return eye.expand(*self._lead, self.head_dim, self.head_dim).clone()
+        return block_diag(blocks, self.head_dim, fill_identity=True)
+
+    # ----------------------------------------------------------------- application
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate ``x`` of shape ``(batch, heads, n, head_dim)``: ``out[b, h, i] = R(p_i) x[b, h, i]``.
+
+        Computed in the promoted dtype of ``x`` and the rotations (fp32 by default), returned in ``x``'s dtype.
+        """
+        self._check_input(x)
+        if self.is_identity:
+            return x
+        if self.depth != 1:
+            raise ValueError(
+                f"these Rotations hold {self.depth} layers; pick one with rot[layer] (or rot.for_layer(layer))"
+            )
+        rot, passthrough = x[..., : self.rot_dim], x[..., self.rot_dim :]
+        out = self._apply_blocks(rot) if self.blocks is not None else self._apply_pairs(rot)
+        out = out.to(x.dtype)
+        return out if passthrough.shape[-1] == 0 else torch.cat([out, passthrough], dim=-1)
+
+    def _check_input(self, x: Tensor) -> None:
+        _, s, h, n = self._lead
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (batch, heads, n, head_dim), got {shape}")
+        batch, heads, tokens, width = x.shape
+        if width != self.head_dim:
+            raise ValueError(f"x has head_dim {width} but the rotations were built for head_dim={self.head_dim}")
+        if tokens != n:
+            raise ValueError(f"x has {tokens} tokens but the rotations hold {n} positions (prefix tokens included)")
+        if h not in (1, heads):
+            raise ValueError(f"x has {heads} heads but the rotations hold {h} per-head rotations")
+        if s not in (1, batch):
+            raise ValueError(f"x has batch {batch} but the rotations hold per-sample coordinates for {s} samples")
+
+    def _apply_pairs(self, x: Tensor) -> Tensor:
+        cos, sin = self.cos[0], self.sin[0]  # (S, H, n, pairs): broadcast over (batch, heads, n, pairs)
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+
+    def _apply_blocks(self, x: Tensor) -> Tensor:
+        mats = self.blocks[0]  # (S, H, n, nb, b, b)
+        _, s, h, _ = self._lead
+        b = self.block_size
+        xb = x.unflatten(-1, (-1, b))  # (batch, heads, n, nb, b)
+        dtype = torch.promote_types(x.dtype, mats.dtype)
+        xb, mats = xb.to(dtype), mats.to(dtype)
+        # Squeeze the shared sample/head dims so that einsum batches over (heads, n, nb) and lets the
+        # batch ride along the matrix columns: the rotations are never copied per sample.
+        mat_idx = ("z" if s > 1 else "") + ("h" if h > 1 else "") + "nicd"
+        mats = mats.reshape(*([s] if s > 1 else []), *([h] if h > 1 else []), *mats.shape[2:])
+        out = torch.einsum(f"{mat_idx},zhnid->zhnic", mats, xb)
+        return out.flatten(-2)
