@@ -1,0 +1,144 @@
+"""Matrix exponential of stacks of skew-symmetric matrices: ``R = exp(A)`` is a rotation.
+
+``skew_expm(A, method)`` takes ``A`` of shape ``(..., b, b)`` with ``A^T = -A`` and returns ``exp(A)`` with
+the same shape and dtype. The input must be skew-symmetric; this is not checked (an exact check costs a
+full pass), and for a non-skew input the methods disagree and none returns a rotation.
+
+Methods (all differentiable with plain autograd; fp16/bf16 are computed in fp32 with autocast off, fp64 in
+fp64):
+
+- ``"exact"``: ``torch.linalg.matrix_exp`` (degree-18 Taylor, scaling and squaring). In fp32 it drifts
+  off the orthogonal group at large norms (~1e-4 at norm 1e3); in bf16 natively it returns NaN.
+- ``"closed"``: closed forms, ``b = 2`` (cos/sin of the angle ``A[..., 1, 0]``) and ``b = 3`` (Rodrigues).
+- ``"taylor_cans"``: per-matrix scaling ``A / 2^s`` with ``s`` from a spectral-norm bound, Taylor
+  polynomial (Paterson-Stockmeyer), ``s`` squarings, then one or two CANS polishing steps
+  (Chebyshev-accelerated Newton-Schulz, arXiv 2506.10935) that pull the result back onto the orthogonal
+  group, so it stays orthogonal to working precision at norms of 1e3 and more. Reads ``max s`` back to
+  the host (one device sync per call).
+- ``"auto"``: ``"closed"`` for ``b <= 3``, else ``"taylor_cans"``.
+
+Every call also checks that ``A`` is finite (one more sync).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+METHODS = ("auto", "exact", "closed", "taylor_cans")
+
+# Taylor degree per working dtype. For skew (normal) X with spectral norm r the truncation error is
+# ~ r^(m+1) / (m+1)!, so X is scaled until r <= theta with r^(m+1) / (m+1)! = unit roundoff.
+_DEGREE = {torch.float32: 12, torch.float64: 20}
+
+
+def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
+    """``exp(A)`` for skew-symmetric ``A`` of shape ``(..., b, b)``, ``b >= 2``; same shape and dtype."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not A.is_floating_point():
+        raise TypeError(f"A must be a floating-point tensor, got dtype {A.dtype}")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] < 2:
+        raise ValueError(f"A must have shape (..., b, b) with b >= 2, got {tuple(A.shape)}")
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("A has non-finite entries")
+    b = A.shape[-1]
+    if method == "auto":
+        method = "closed" if b <= 3 else "taylor_cans"
+    if method == "closed" and b > 3:
+        raise ValueError(f"method='closed' needs b = 2 or 3, got b = {b}")
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=A.device.type, enabled=False):
+        X = A.to(work)
+        if X.numel() == 0:
+            R = X.clone()
+        elif method == "exact":
+            R = torch.linalg.matrix_exp(X)
+        elif method == "closed":
+            R = _rot2(X) if b == 2 else _rodrigues(X)
+        else:
+            R = _taylor_cans(X)
+    return R.to(A.dtype)
+
+
+def orthogonality_error(R: Tensor) -> Tensor:
+    """``max |R^T R - I|`` over a stack ``(..., b, b)``, computed in fp64 (0-dim tensor)."""
+    R = R.detach().to(torch.float64)
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return (R.mT @ R - eye).abs().amax()
+
+
+def _rot2(X: Tensor) -> Tensor:
+    t = X[..., 1, 0]
+    c, s = torch.cos(t), torch.sin(t)
+    return torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)
+
+
+def _rodrigues(X: Tensor) -> Tensor:
+    """``I + sin(t)/t X + (1 - cos t)/t^2 X^2`` with ``t^2 = |X|_F^2 / 2``; Taylor series for small ``t``."""
+    t2 = (X * X).sum((-2, -1)) / 2
+    small = t2 < 1e-3
+    t = torch.where(small, torch.ones_like(t2), t2).sqrt()  # safe sqrt: finite gradients at t = 0
+    sinc = torch.where(small, 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42)), torch.sin(t) / t)
+    half_t2 = 1 - t2 / 12 * (1 - t2 / 30 * (1 - t2 / 56))
+    half = torch.where(small, half_t2 / 2, 2 * (torch.sin(t / 2) / t) ** 2)
+    eye = torch.eye(3, dtype=X.dtype, device=X.device)
+    return eye + sinc[..., None, None] * X + half[..., None, None] * (X @ X)
+
+
+def _taylor_cans(X: Tensor) -> Tensor:
+    shape, b = X.shape, X.shape[-1]
+    X = X.reshape(-1, b, b)
+    m = _DEGREE[X.dtype]
+    unit = torch.finfo(X.dtype).eps / 2
+    theta = (unit * math.factorial(m + 1)) ** (1 / (m + 1))
+    eye = torch.eye(b, dtype=X.dtype, device=X.device)
+    # powers of the unscaled X; for skew X, (|X^4|_F / sqrt 2)^(1/4) bounds the spectral norm (tightly)
+    P = [X, X @ X]
+    P += [P[1] @ X, P[1] @ P[1]]
+    radius = (torch.linalg.matrix_norm(P[3].detach()) / math.sqrt(2)) ** 0.25
+    s = torch.ceil(torch.log2(radius / theta)).clamp(min=0)
+    s_min, s_max = (int(v) for v in torch.stack(s.aminmax()).tolist())  # the one host sync
+    # scaling by powers of two is exact: P[k] * 2^(-(k+1) s) are the powers of X / 2^s
+    P = [p * torch.exp2(-(k + 1) * s)[:, None, None] for k, p in enumerate(P)]
+    # Paterson-Stockmeyer: sum_k X^k / k! = B_0 + X^4 (B_1 + X^4 (B_2 + ...)), B_j of degree < 4
+    coef = [1 / math.factorial(k) for k in range(m + 1)]
+    blocks = [
+        sum((c * p for c, p in zip(coef[j + 1 : j + 4], P[:3], strict=False)), coef[j] * eye)
+        for j in range(0, m + 1, 4)
+    ]
+    if m % 4 == 0:  # the top block is c_m I: fold it in without a matmul
+        blocks.pop()
+        blocks[-1] = blocks[-1] + coef[m] * P[3]
+    R = blocks.pop()
+    while blocks:
+        R = torch.baddbmm(blocks.pop(), P[3], R)
+    for i in range(s_max):
+        R = R @ R if i < s_min else torch.where((s > i)[:, None, None], R @ R, R)
+    # each squaring roughly doubles the distance to the orthogonal group, |R^T R - I| ~ 2^s unit;
+    # one polishing step squares it, a second one is needed only when 2^s > unit^(-1/2)
+    steps = 0 if s_max == 0 else 1 if 2.0**s_max * math.sqrt(unit) <= 1 else 2
+    for _ in range(steps):
+        R = _cans_step(R, eye)
+    return R.reshape(shape)
+
+
+def _cans_step(R: Tensor, eye: Tensor) -> Tensor:
+    """One optimal odd-cubic step ``R <- a R + b R R^T R`` (CANS) towards the nearest orthogonal matrix.
+
+    With ``d = |R^T R - I|_F`` the singular values lie in ``[l, u] = [sqrt(1-d), sqrt(1+d)]``. The cubic
+    ``p(x) = a x + b x^3`` closest to 1 on ``[l, u]`` equioscillates: ``p(l) = p(u) = 1 - E`` and
+    ``p(x*) = 1 + E`` at its maximum ``x*^2 = (l^2 + lu + u^2) / 3``, which gives
+    ``b = -a / (l^2 + lu + u^2)`` and ``a (2/3 x* + l - l^3 / (l^2 + lu + u^2)) = 2``; the new interval is
+    ``[1 - E, 1 + E]`` with ``E`` about half the Newton-Schulz error. For ``d -> 0`` this is Newton-Schulz,
+    ``a = 3/2, b = -1/2``. The coefficients are per matrix, act as step sizes and carry no gradient.
+    """
+    G = R.mT @ R
+    with torch.no_grad():
+        d = torch.linalg.matrix_norm(G - eye).clamp(max=1)[..., None, None]
+        lo, hi = (1 - d).sqrt(), (1 + d).sqrt()
+        q = lo * lo + lo * hi + hi * hi
+        a = 2 / (2 / 3 * (q / 3).sqrt() + lo - lo**3 / q)
+    return a * R - (a / q) * (R @ G)
