@@ -191,8 +191,12 @@ class Rotations:
             )
         rot, passthrough = x[..., : self.rot_dim], x[..., self.rot_dim :]
         out = self._apply_blocks(rot) if self.blocks is not None else self._apply_pairs(rot)
-        out = out.to(x.dtype)
-        return out if passthrough.shape[-1] == 0 else torch.cat([out, passthrough], dim=-1)
+        if passthrough.shape[-1] == 0:
+            return out.to(x.dtype)
+        full = torch.empty_like(x)  # not torch.cat: CPU autocast rejects cat of fp16 tensors
+        full[..., : self.rot_dim] = out
+        full[..., self.rot_dim :] = passthrough
+        return full
 
     def _check_input(self, x: Tensor) -> None:
         _, s, h, n = self._lead

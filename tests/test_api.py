@@ -1,0 +1,189 @@
+"""The public contract: factory specs, coordinates, additive encodings, Rotations API and bad-input errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import liere
+from liere import LearnedAbsolute, LieRE, RoPE, RoPEMixed, Rotations, SinCosAbsolute, grid_coords
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = dict(head_dim=32, num_axes=2, num_heads=4, depth=3, dim=128, grid_shape=(4, 5))
+
+
+def test_contract_from_design_doc() -> None:
+    pe = LieRE(head_dim=64, num_axes=2, num_heads=12, depth=12, block_size=8)
+    coords = grid_coords(14, 14)
+    assert coords.shape == (196, 2)
+    rot = pe(coords)
+    q = torch.randn(2, 12, 196, 64)
+    assert rot[5].apply(q).shape == q.shape
+    assert rot.to_dense().shape[-3:] == (196, 64, 64)
+    assert pe.skew_generators().shape == (12, 12, 2, 64, 64)
+    built = liere.build("liere8", head_dim=64, num_axes=2, num_heads=12, depth=12)
+    assert isinstance(built, LieRE) and built.block_size == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "attrs"),
+    [
+        ("none", liere.NoPE, {}),
+        ("abs", LearnedAbsolute, {"grid_shape": (4, 5)}),
+        ("sincos", SinCosAbsolute, {"dim": 128}),
+        ("axial-rope", liere.AxialRoPE, {"theta": 100.0}),
+        ("axial-rope:theta=10", liere.AxialRoPE, {"theta": 10.0}),
+        ("rope-mixed", RoPEMixed, {"theta": 10.0}),
+        ("liere", LieRE, {"block_size": 8}),
+        ("liere4", LieRE, {"block_size": 4}),
+        ("LieRE32:init=uniform", LieRE, {"block_size": 32, "init": "uniform"}),
+        ("liere8:rot_dim=16,method=exact", LieRE, {"rot_dim": 16, "method": "exact"}),
+    ],
+)
+def test_factory_builds_every_spec(spec: str, kind: type, attrs: dict) -> None:
+    pe = liere.build(spec, **COMMON)
+    assert isinstance(pe, kind)
+    for name, value in attrs.items():
+        assert getattr(pe, name) == value
+    coords = grid_coords(4, 5)
+    rot = pe(coords, num_prefix_tokens=1)
+    q = torch.randn(2, 4, 21, 32)
+    assert rot.for_layer(2).apply(q).shape == q.shape
+    assert pe.add_to_tokens(torch.randn(2, 20, 128), coords).shape == (2, 20, 128)
+
+
+def test_factory_keyword_options_override_spec_and_rope_is_1d() -> None:
+    assert liere.build("liere8:init=uniform", head_dim=16, num_axes=2, init="normal").init == "normal"
+    assert isinstance(liere.build("rope", head_dim=16), RoPE)
+    with pytest.raises(ValueError, match="num_axes=2"):
+        liere.build("rope", head_dim=16, num_axes=2)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda: liere.build("rotary-magic", head_dim=16), ValueError, "unknown encoding spec 'rotary-magic'"),
+        (lambda: liere.build("", head_dim=16), ValueError, "spec must be a non-empty string"),
+        (lambda: liere.build("liere8:init", head_dim=16), ValueError, "key=value"),
+        (lambda: liere.build("liere8:colour=red", head_dim=16), TypeError, "colour"),
+        (lambda: liere.build("abs", head_dim=16, num_axes=2, dim=32), ValueError, "grid_shape"),
+        (lambda: liere.build("sincos", head_dim=16, num_axes=2), ValueError, "dim must be a positive int"),
+        (lambda: LieRE(head_dim=30, block_size=8), ValueError, "head_dim=30 must be divisible by 8"),
+        (lambda: LieRE(head_dim=32, block_size=8, rot_dim=20), ValueError, "rot_dim=20 must be divisible by 8"),
+        (lambda: LieRE(head_dim=32, rot_dim=40), ValueError, "rot_dim=40 exceeds head_dim=32"),
+        (lambda: LieRE(head_dim=32, block_size=1), ValueError, "block_size must be an int >= 2"),
+        (lambda: LieRE(head_dim=32, init="orthogonal"), ValueError, "init must be one of"),
+        (lambda: LieRE(head_dim=0), ValueError, "head_dim must be a positive int"),
+        (lambda: LieRE(head_dim=32, num_heads=0), ValueError, "num_heads must be a positive int"),
+        (lambda: RoPE(head_dim=31), ValueError, "head_dim=31 must be divisible by 2"),
+        (lambda: liere.AxialRoPE(head_dim=30, num_axes=2), ValueError, "divisible by 4"),
+        (lambda: SinCosAbsolute(dim=30, num_axes=2, head_dim=16), ValueError, "dim=30"),
+        (lambda: LearnedAbsolute(dim=8, grid_shape=(4, 0), head_dim=16), ValueError, "grid_shape"),
+        (lambda: grid_coords(), ValueError, "at least one grid size"),
+        (lambda: grid_coords(3, 0), ValueError, "positive ints"),
+        (lambda: grid_coords(3, 4, spacing=[1.0]), ValueError, "spacing has 1 entries"),
+    ],
+)
+def test_bad_construction_raises(call, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=re.escape(pattern) if "(" in pattern else pattern):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("coords", "error", "pattern"),
+    [
+        (torch.zeros(5), ValueError, "coords must have shape"),
+        (torch.zeros(2, 3, 5, 2), ValueError, "coords must have shape"),
+        (torch.zeros(5, 3), ValueError, "coords has 3 axes"),
+        (torch.zeros(0, 2), ValueError, "at least one position"),
+        (torch.tensor([[0.0, float("nan")]]), ValueError, "NaN or inf"),
+        (torch.tensor([[0.0, float("inf")]]), ValueError, "NaN or inf"),
+        (torch.zeros(5, 2, dtype=torch.bool), TypeError, "dtype"),
+        ([[0.0, 1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_coords_raise(coords, error: type, pattern: str) -> None:
+    for pe in (LieRE(16, 2), RoPEMixed(16, 2), liere.build("sincos", head_dim=16, num_axes=2, dim=8)):
+        with pytest.raises(error, match=pattern):
+            pe(coords)
+
+
+def test_bad_queries_raise() -> None:
+    rot = LieRE(16, 2, num_heads=3, depth=2)(grid_coords(3, 3))
+    with pytest.raises(ValueError, match="pick one with rot"):
+        rot.apply(torch.randn(1, 3, 9, 16))
+    layer = rot[0]
+    for shape, pattern in [
+        ((1, 3, 9, 32), "head_dim 32"),
+        ((1, 4, 9, 16), "4 heads"),
+        ((1, 3, 10, 16), "10 tokens"),
+        ((3, 9, 16), r"\(batch, heads, n, head_dim\)"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            layer.apply(torch.randn(shape))
+    per_sample = LieRE(16, 2)(torch.randn(2, 9, 2))
+    with pytest.raises(ValueError, match="batch 3"):
+        per_sample.apply(torch.randn(3, 1, 9, 16))
+    with pytest.raises(IndexError, match="out of range"):
+        rot[2]
+    with pytest.raises(ValueError, match="same shape"):
+        liere.rotary_attention(torch.randn(1, 3, 9, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), layer)
+
+
+def test_grid_coords_order_and_spacing() -> None:
+    coords = grid_coords(2, 3, 4)
+    assert coords.shape == (24, 3)
+    image = torch.arange(24).reshape(2, 3, 4)
+    for row, (t, i, j) in enumerate(coords.long().tolist()):
+        assert image[t, i, j] == row  # row-major, like conv_out.flatten(2)
+    unit = grid_coords(5, 3, spacing=[0.25, 0.5])
+    assert unit.max(0).values.tolist() == [1.0, 1.0]
+
+
+def test_learned_absolute_indexes_table_and_clamps_outside() -> None:
+    pe = LearnedAbsolute(dim=6, grid_shape=(3, 4), head_dim=8)
+    x = torch.zeros(1, 12, 6)
+    out = pe.add_to_tokens(x, grid_coords(3, 4))
+    expected = pe.table[0].flatten(1).T  # (12, dim), row-major
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=1e-6)
+    far = pe.add_to_tokens(torch.zeros(1, 1, 6), torch.tensor([[10.0, 10.0]]))
+    torch.testing.assert_close(far[0, 0], pe.table[0, :, 2, 3])
+    line = LearnedAbsolute(dim=4, grid_shape=(5,), head_dim=8)
+    torch.testing.assert_close(line.add_to_tokens(torch.zeros(1, 5, 4), grid_coords(5))[0], line.table[0].T)
+    out.sum().backward()
+    assert pe.table.grad is not None and pe.table.grad.abs().sum() > 0
+
+
+def test_sincos_embedding_values() -> None:
+    pe = SinCosAbsolute(dim=8, num_axes=2, head_dim=8)
+    out = pe.add_to_tokens(torch.zeros(1, 1, 8), torch.tensor([[1.0, 2.0]]))[0, 0]
+    omega = torch.tensor([1.0, 0.01])  # 10000 ** (-k / 2)
+    expected = torch.cat([torch.sin(omega), torch.cos(omega), torch.sin(2 * omega), torch.cos(2 * omega)])
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="do not match tokens"):
+        pe.add_to_tokens(torch.zeros(1, 3, 8), grid_coords(2, 2))
+
+
+def test_rotations_identity_and_to() -> None:
+    ident = Rotations.identity(16, 5).with_prefix(1)
+    x = torch.randn(2, 3, 6, 16)
+    assert ident.apply(x) is x and ident.num_positions == 6
+    torch.testing.assert_close(ident.to_dense()[0, 0, 0], torch.eye(16).expand(6, 16, 16))
+    rot = LieRE(16, 2, block_size=4)(grid_coords(2, 2)).to(torch.float64)
+    assert rot.dtype == torch.float64 and rot.apply(torch.randn(1, 1, 4, 16)).dtype == torch.float32
+    assert "block_size=4" in repr(rot) and len(rot) == 1
+
+
+def test_readme_example_runs() -> None:
+    """The README's usage example is executed verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"<!-- example -->\s*```python\n(.*?)```", readme, re.S)
+    assert example is not None, "README.md lost its marked usage example"
+    result = subprocess.run([sys.executable, "-c", example.group(1)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
