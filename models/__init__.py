@@ -1,0 +1,9 @@
+"""Models that take any ``liere`` encoding: ViT (2D/3D) and a char-level decoder LM.
+
+Adapters for third-party models live in ``models.timm_adapter`` (needs timm); they are not imported here.
+"""
+
+from models.lm import LM_SIZES, CharLM
+from models.vit import VIT_SIZES, ViT
+
+__all__ = ["LM_SIZES", "VIT_SIZES", "CharLM", "ViT"]

@@ -1,0 +1,132 @@
+"""Encoding-agnostic transformer pieces shared by the ViT and the char LM.
+
+Every block takes ``(x, rot)`` where ``rot`` is that layer's ``Rotations`` (``rot.for_layer(i)``); the
+identity rotations of additive encodings make the same code path serve every factory spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from liere import PositionEncoding, Rotations, build, grid_coords, rotary_attention
+
+
+def check_heads(dim: int, heads: int) -> int:
+    """Per-head width ``dim // heads``, after checking both are positive and ``heads`` divides ``dim``."""
+    for name, value in (("dim", dim), ("heads", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if dim % heads:
+        raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+    return dim // heads
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection; q and k are rotated by ``rot`` inside SDPA."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, check_heads(dim, heads)
+        self.causal, self.dropout = causal, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
+        """``x``: ``(batch, n, dim)``, ``rot``: depth-1 rotations for ``n`` positions -> ``(batch, n, dim)``."""
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.dropout if self.training else 0.0
+        out = rotary_attention(q, k, v, rot, is_causal=self.causal, dropout_p=dropout_p)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, n, dim)))
+
+
+class MLP(nn.Sequential):
+    """``Linear -> GELU -> Dropout -> Linear -> Dropout`` with hidden width ``mlp_ratio * dim``."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        hidden = int(dim * mlp_ratio)
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x), rot)`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout, causal)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
+        x = x + self.attn(self.norm1(x), rot)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """``depth`` pre-norm blocks; block ``i`` gets ``rot.for_layer(i)``."""
+
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False
+    ) -> None:
+        super().__init__()
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
+
+    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
+        """``x``: ``(batch, n, dim)``; ``rot``: rotations of depth 1 (shared) or ``depth`` for ``n`` positions."""
+        if rot.depth not in (1, len(self.blocks)):
+            raise ValueError(f"rotations have depth {rot.depth}, expected 1 or {len(self.blocks)} (one per block)")
+        for i, block in enumerate(self.blocks):
+            x = block(x, rot.for_layer(i))
+        return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm-style init, for ``model.apply``: ``trunc_normal(std=0.02)`` linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def resolve_encoding(
+    encoding: str | PositionEncoding, *, head_dim: int, num_axes: int, options: dict[str, object] | None, **model
+) -> PositionEncoding:
+    """Build ``encoding`` from a factory spec (``liere.build(spec, head_dim=, num_axes=, **model, **options)``),
+    or check that a ready ``PositionEncoding`` fits the model's ``head_dim`` and ``num_axes``."""
+    if isinstance(encoding, PositionEncoding):
+        if options:
+            raise ValueError("encoding_options only apply to a spec string, not to a built PositionEncoding")
+        if (encoding.head_dim, encoding.num_axes) != (head_dim, num_axes):
+            raise ValueError(
+                f"encoding was built for head_dim={encoding.head_dim}, num_axes={encoding.num_axes}; "
+                f"the model needs head_dim={head_dim}, num_axes={num_axes}"
+            )
+        return encoding
+    if not isinstance(encoding, str):
+        raise TypeError(f"encoding must be a spec string such as 'liere8' or a PositionEncoding, got {encoding!r}")
+    return build(encoding, head_dim=head_dim, num_axes=num_axes, **model, **(options or {}))
+
+
+class CoordsCache:
+    """The coordinates of the last grid seen (a plain attribute, so not part of any state dict)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._coords: Tensor | None = None
+
+    def __call__(self, shape: Sequence[int], spacing: Sequence[float], device: torch.device) -> Tensor:
+        """``grid_coords(*shape, spacing=spacing)`` on ``device``, recomputed only when an argument changes."""
+        key = (tuple(shape), tuple(spacing), device)
+        if key != self._key:
+            self._coords = grid_coords(*shape, spacing=list(spacing), device=device)
+            self._key = key
+        return self._coords

@@ -1,0 +1,93 @@
+"""Decoder-only character language model with any 1D position encoding."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from liere import PositionEncoding
+from models.blocks import CoordsCache, Transformer, check_heads, init_weights, resolve_encoding
+
+LM_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=128, depth=4, heads=4, context=256),
+    "small": dict(dim=256, depth=6, heads=8, context=512),
+    "char": dict(dim=512, depth=6, heads=8, context=1024),  # the benchmark char-LM
+}
+
+
+class CharLM(nn.Module):
+    """Causal transformer LM over token ids; positions are token indices ``grid_coords(T)`` (0, 1, ..., T-1).
+
+    ``context`` is the training length: it sizes the ``"abs"`` table and is the default of ``size``'s preset.
+    Sequences longer than ``context`` are accepted (length extrapolation): rotary encodings just see larger
+    coordinates, ``"abs"`` (``LearnedAbsolute``) clamps positions past the table to its last entry, and
+    ``"sincos"`` evaluates its formula at the new positions. The output head is tied to the token embedding
+    (``tie_embeddings=True``, default) or a separate linear layer.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int | None = None,
+        encoding: str | PositionEncoding = "rope",
+        size: str = "char",
+        dim: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        encoding_options: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        if size not in LM_SIZES:
+            raise ValueError(f"size must be one of {sorted(LM_SIZES)}, got {size!r}")
+        overrides = dict(context=context, dim=dim, depth=depth, heads=heads)
+        config = LM_SIZES[size] | {k: v for k, v in overrides.items() if v is not None}
+        for name in ("vocab_size", "context"):
+            value = vocab_size if name == "vocab_size" else config[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.vocab_size, self.context = vocab_size, config["context"]
+        dim, depth, heads = config["dim"], config["depth"], config["heads"]
+
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.encoding = resolve_encoding(
+            encoding,
+            head_dim=check_heads(dim, heads),
+            num_axes=1,
+            options=encoding_options,
+            num_heads=heads,
+            depth=depth,
+            dim=dim,
+            grid_shape=(self.context,),
+        )
+        self.drop = nn.Dropout(dropout)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, causal=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self._coords = CoordsCache()
+
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
+        if tie_embeddings:
+            self.head.weight = self.token_embed.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``; position t sees tokens 0..t."""
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.is_floating_point():
+            shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be an integer tensor (batch, T), got {shape}")
+        coords = self._coords((idx.shape[1],), (1.0,), idx.device)
+        x = self.encoding.add_to_tokens(self.token_embed(idx), coords)
+        x = self.transformer(self.drop(x), self.encoding(coords))
+        return self.head(self.norm(x))
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy of ``forward(idx)`` against ``targets`` ``(B, T)``."""
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the encoding's parameters (to exclude from weight decay)."""
+        return {f"encoding.{name}" for name in self.encoding.no_weight_decay()}
