@@ -55,7 +55,7 @@ def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
         if X.numel() == 0:
             R = X.clone()
         elif method == "exact":
-            R = torch.linalg.matrix_exp(X)
+            R = torch.linalg.matrix_exp(X.contiguous())  # its batched path views the input
         elif method == "closed":
             R = _rot2(X) if b == 2 else _rodrigues(X)
         else:
