@@ -1,0 +1,90 @@
+"""Adapters to third-party models: liere encodings inside timm's ViT, and parity with x-transformers' rotary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liere import RoPE, grid_coords
+
+timm = pytest.importorskip("timm")
+from models.timm_adapter import RotaryTimmAttention, liere_timm_vit  # noqa: E402
+
+TINY_TIMM = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+
+
+def tiny_timm_vit(encoding: str, **kwargs):
+    torch.manual_seed(0)
+    return liere_timm_vit("vit_tiny_patch16_224", encoding, create_kwargs=TINY_TIMM | kwargs)
+
+
+@pytest.mark.parametrize("spec", ["liere8", "rope-mixed", "sincos"])
+def test_timm_vit_trains_one_step(spec):
+    model = tiny_timm_vit(spec)
+    assert model.pos_embed is None and all(isinstance(b.attn, RotaryTimmAttention) for b in model.blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.liere_encoding.named_parameters():
+        per_layer = param.grad.flatten(1).abs().sum(dim=1)
+        assert torch.isfinite(param.grad).all() and (per_layer > 0).all(), f"{name}: {per_layer.tolist()}"
+    opt.step()
+    assert model.blocks[0].attn.rotations.rot is None  # released after the forward
+
+
+def test_timm_attention_uses_the_encoding_rotations_with_cls_unrotated():
+    model = tiny_timm_vit("liere8", reg_tokens=2).eval()
+    captured = {}
+    model.blocks[1].attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], out=out))
+    model(torch.randn(2, 3, 32, 32))
+
+    attn, x = model.blocks[1].attn, captured["x"]
+    rot = model.liere_encoding(grid_coords(4, 4), num_prefix_tokens=3)[1]  # CLS + 2 registers unrotated
+    q, k, v = attn.qkv(x).reshape(2, 19, 3, 3, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (rot.apply(q) @ rot.apply(k).transpose(-1, -2)) / 8.0
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 19, 192))
+    torch.testing.assert_close(captured["out"], expected, rtol=1e-4, atol=1e-5)
+    dense = rot.to_dense()[0, 0, :, :3]
+    torch.testing.assert_close(dense, torch.eye(64).expand_as(dense))
+
+
+def test_timm_rotations_computed_once_per_forward():
+    model = tiny_timm_vit("liere8")
+    calls = []
+    model.liere_encoding.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_timm_dynamic_image_size_grows_the_grid():
+    model = tiny_timm_vit("rope-mixed", dynamic_img_size=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 48, 64))
+    assert out.shape == (1, 5) and model.blocks[0].attn.rotations._coords._key[0] == (6, 8)
+
+
+def test_timm_abs_keeps_timm_pos_embed_and_bad_models_are_rejected():
+    model = tiny_timm_vit("abs")
+    assert model.pos_embed is not None and not hasattr(model, "liere_encoding")
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        liere_timm_vit(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="patch dropout"):
+        tiny_timm_vit("liere8", patch_drop_rate=0.1)
+
+
+# ----------------------------------------------------------------------------------- x-transformers
+@pytest.mark.parametrize("rot_dim", [16, 32])
+def test_rope_matches_x_transformers_rotary(rot_dim):
+    """Same pairs (interleaved ``(2j, 2j+1)``), same frequencies, same partial rotation: equal q k^T."""
+    x_transformers = pytest.importorskip("x_transformers.x_transformers")
+    head_dim, n = 32, 50
+    q, k = torch.randn(2, 3, n, head_dim), torch.randn(2, 3, n, head_dim)
+    freqs, scale = x_transformers.RotaryEmbedding(rot_dim)(torch.arange(n))
+    xq = x_transformers.apply_rotary_pos_emb(q, freqs, scale)
+    xk = x_transformers.apply_rotary_pos_emb(k, freqs, scale)
+    rot = RoPE(head_dim, rot_dim=rot_dim)(grid_coords(n))
+    torch.testing.assert_close(rot.apply(q), xq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rot.apply(q) @ rot.apply(k).transpose(-1, -2), xq @ xk.transpose(-1, -2))
