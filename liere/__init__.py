@@ -7,24 +7,33 @@ q, k = rot[layer].apply(q), rot[layer].apply(k)
 
 from liere.absolute import LearnedAbsolute, NoPE, SinCosAbsolute
 from liere.attention import rotary_attention
+from liere.comrope import ComRoPE
 from liere.coords import grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm
 from liere.factory import available, build, register
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
+from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
+from liere.string_pe import CayleySTRING, CirculantSTRING
+from liere.visionllama import VisionLlamaRoPE
 
 __all__ = [
     "AxialRoPE",
+    "CayleySTRING",
+    "CirculantSTRING",
+    "ComRoPE",
     "LearnedAbsolute",
     "LieRE",
     "NoPE",
     "PositionEncoding",
     "RoPE",
+    "RoPEBasis",
     "RoPEMixed",
     "Rotations",
     "SinCosAbsolute",
+    "VisionLlamaRoPE",
     "available",
     "build",
     "grid_coords",

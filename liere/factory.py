@@ -7,9 +7,13 @@ import re
 from collections.abc import Callable, Sequence
 
 from liere.absolute import LearnedAbsolute, NoPE, SinCosAbsolute
+from liere.comrope import ComRoPE
 from liere.encoding import PositionEncoding
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
+from liere.rope_basis import RoPEBasis
+from liere.string_pe import CayleySTRING, CirculantSTRING
+from liere.visionllama import VisionLlamaRoPE
 
 Builder = Callable[..., PositionEncoding]
 _REGISTRY: dict[str, tuple[re.Pattern[str], Builder]] = {}
@@ -114,3 +118,8 @@ register("rope")(_rope)
 register("axial-rope")(AxialRoPE)
 register("rope-mixed")(RoPEMixed)
 register(r"liere(?P<block_size>\d+)?")(LieRE)
+register("visionllama")(VisionLlamaRoPE)
+register("string-cayley")(CayleySTRING)
+register("string-circulant")(CirculantSTRING)
+register(r"comrope-(?P<variant>ap|ld)(?P<block_size>\d+)?")(ComRoPE)
+register("rope-basis")(RoPEBasis)

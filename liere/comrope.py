@@ -1,0 +1,96 @@
+"""ComRoPE (Yu et al., CVPR 2025): LieRE-style block-diagonal skew generators constrained to commute, so
+``R(p) = exp(sum_a p_a A_a)`` is exactly translation invariant.
+
+- ``"ap"`` (axis-partition): block ``j`` belongs to axis ``j mod num_axes``; every other axis' generator is
+  zero there, so generators of different axes act on different blocks.
+- ``"ld"`` (linearly dependent): block ``j`` of every axis' generator is a multiple ``theta[a, j] S_j`` of one
+  shared skew ``S_j``; block ``j`` of ``R(p)`` is ``exp(t_j S_j)`` with ``t_j = sum_a p_a theta[a, j]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.expm import skew_expm
+from liere.linalg import block_diag, num_skew_params, skew_from_params
+from liere.rope import default_theta, rope_frequencies
+from liere.rotations import Rotations
+
+VARIANTS = ("ap", "ld")
+
+
+def pair_block_params(freqs: Tensor, b: int) -> Tensor:
+    """Strictly-lower-triangle parameters ``(..., b (b-1) / 2)`` of ``b x b`` skew blocks holding the 2x2
+    generators ``[[0, -w], [w, 0]]`` of ``freqs`` ``(..., b // 2)`` on the feature pairs ``(2k, 2k+1)``."""
+    rows, cols = torch.tril_indices(b, b, -1)
+    pair_entries = ((rows % 2 == 1) & (cols == rows - 1)).nonzero().squeeze(-1)
+    params = freqs.new_zeros(*freqs.shape[:-1], num_skew_params(b))
+    params[..., pair_entries] = freqs
+    return params
+
+
+class ComRoPE(PositionEncoding):
+    """ComRoPE with ``block_size`` x ``block_size`` commuting skew blocks per layer and head.
+
+    Parameters: ``blocks`` ``(depth, num_heads, rot_dim / b, b (b-1) / 2)`` (strictly-lower-triangle entries of
+    each block's skew matrix) and, for ``variant="ld"``, ``scales`` ``(depth, num_heads, num_axes, rot_dim / b)``
+    (one scalar per axis and block: with one scalar per axis for all blocks, ``R(p)`` would only see the single
+    projection ``sum_a p_a theta_a`` of the position). Init: each block starts as 2x2 rotations with RoPE
+    frequencies ``theta ** (-2j / rot_dim)`` on its feature pairs; LD scales start as random unit directions
+    per block, so at init ``"ap"`` is an axial RoPE and ``"ld"`` a RoPE-Mixed.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        num_heads: int = 1,
+        depth: int = 1,
+        variant: str = "ap",
+        block_size: int = 8,
+        rot_dim: int | None = None,
+        theta: float | None = None,
+        method: str = "auto",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, depth)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if not isinstance(block_size, int) or block_size < 2:
+            raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+        self.variant, self.block_size, self.method = variant, block_size, method
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, block_size, f"block_size={block_size}")
+        num_blocks = self.rot_dim // block_size
+        if variant == "ap" and num_blocks < num_axes:
+            raise ValueError(f"variant 'ap' needs at least num_axes={num_axes} blocks, got {num_blocks}")
+        self.theta = default_theta(num_axes) if theta is None else float(theta)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        freqs = rope_frequencies(2 * num_blocks * (block_size // 2), self.theta).reshape(num_blocks, -1)
+        self.blocks = nn.Parameter(pair_block_params(freqs, block_size).expand(depth, num_heads, -1, -1).clone())
+        if variant == "ld":
+            direction = torch.randn(depth, num_heads, num_axes, num_blocks, generator=gen)
+            self.scales = nn.Parameter(direction / direction.norm(dim=2, keepdim=True))
+        else:
+            self.register_buffer("axis_of_block", torch.arange(num_blocks) % num_axes, persistent=False)
+
+    def _axis_weights(self, dtype: torch.dtype) -> Tensor:
+        """Weight of axis ``a`` in block ``j``'s generator, ``(depth | 1, num_heads | 1, num_axes, num_blocks)``."""
+        if self.variant == "ld":
+            return self.scales.to(dtype)
+        one_hot = torch.arange(self.num_axes, device=self.axis_of_block.device)[:, None] == self.axis_of_block
+        return one_hot.to(dtype)[None, None]
+
+    def skew_generators(self) -> Tensor:
+        """Commuting generators ``(depth, num_heads, num_axes, head_dim, head_dim)``: skew, block-diagonal."""
+        S = skew_from_params(self.blocks, self.block_size)[:, :, None]  # (depth, heads, 1, nb, b, b)
+        gens = self._axis_weights(S.dtype)[..., None, None] * S
+        return block_diag(gens, self.head_dim, fill_identity=False)
+
+    def rotations(self, coords: Tensor) -> Rotations:
+        S = skew_from_params(self.blocks.to(coords), self.block_size)  # (depth, heads, nb, b, b)
+        t = torch.einsum("sna,dhaj->dshnj", coords, self._axis_weights(coords.dtype))
+        algebra = t[..., None, None] * S[:, None, :, None]
+        return Rotations(self.head_dim, blocks=skew_expm(algebra, method=self.method))

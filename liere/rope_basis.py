@@ -1,0 +1,139 @@
+"""RoPE in a learned orthogonal basis: ``R(p) = Q blockdiag(rot(sum_a p_a w_aj)) Q^T``.
+
+In 1D this is what LieRE reduces to (all ``exp(p A)`` share the eigenvectors of ``A``):
+``RoPEBasis.from_liere`` converts a 1D LieRE exactly. With several axes it is Cayley-STRING
+(``liere.string_pe.CayleySTRING``): the generators ``Q diag(w_a) Q^T`` commute.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.linalg import block_diag, num_skew_params, skew_from_params
+from liere.rope import default_theta, mixed_frequencies
+from liere.rotations import Rotations
+
+
+def cayley(S: Tensor) -> Tensor:
+    """Cayley transform ``(I - S)(I + S)^-1 = (I + S)^-1 (I - S)`` of skew ``S`` ``(..., r, r)``: orthogonal."""
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    return torch.linalg.solve(eye + S, eye - S)
+
+
+def pair_generators(freqs: Tensor) -> Tensor:
+    """Skew matrices ``(..., 2 * pairs, 2 * pairs)`` with ``[[0, -w], [w, 0]]`` blocks from ``freqs`` ``(..., pairs)``.
+
+    ``exp(p * pair_generators(w))`` is RoPE's ``blockdiag(rot(p * w_j))``.
+    """
+    return block_diag(skew_from_params(freqs[..., None], 2), 2 * freqs.shape[-1], fill_identity=False)
+
+
+def basis_rotations(basis: Tensor, angles: Tensor, head_dim: int) -> Rotations:
+    """Dense rotations ``Q blockdiag(rot(angles_j)) Q^T`` as ``Rotations`` with one ``r x r`` block.
+
+    ``basis`` ``Q``: orthogonal ``(depth, H, r, r)``; ``angles``: ``(depth, S, H, n, r // 2)``. For odd ``r``
+    Cost: building ``r^3`` per position (one matmul), applying ``r^2``.
+    """
+    Q = basis[:, None, :, None]  # (depth, 1, H, 1, r, r)
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # (depth, S, H, n, 1, pairs)
+    q0, q1 = Q.unflatten(-1, (-1, 2)).unbind(-1)
+    # rows of Q blockdiag(rot): each row's feature pair (q0, q1) rotated by -angle
+    rotated = torch.stack([q0 * cos + q1 * sin, q1 * cos - q0 * sin], dim=-1).flatten(-2)
+    return Rotations(head_dim, blocks=(rotated @ Q.transpose(-1, -2)).unsqueeze(-3))
+
+
+class RoPEBasis(PositionEncoding):
+    """RoPE with learned frequencies in a learned orthogonal basis (per layer and head).
+
+    ``R(p) = Q blockdiag(rot(sum_a p_a w[a, j])) Q^T`` on the first ``rot_dim`` features (even), with
+    ``Q = basis @ cayley(S)``: ``S`` learned skew (``skew``: ``(depth, num_heads, rot_dim (rot_dim-1) / 2)``,
+    init 0), ``basis`` a fixed orthogonal buffer (identity, or the eigenbasis set by ``from_liere``), so that
+    any orthogonal ``Q`` is reachable and training starts well-conditioned. ``freqs``
+    ``(depth, num_heads, num_axes, rot_dim / 2)`` start as RoPE-Mixed's (``mixed_frequencies``): at init
+    the encoding equals RoPE (1D) or RoPE-Mixed.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 1,
+        num_heads: int = 1,
+        depth: int = 1,
+        theta: float | None = None,
+        rot_dim: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, depth)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "the basis rotates feature pairs")
+        self.theta = default_theta(num_axes) if theta is None else float(theta)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        self.freqs = nn.Parameter(mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen))
+        self.skew = nn.Parameter(torch.zeros(depth, num_heads, num_skew_params(self.rot_dim)))
+        self.register_buffer("basis", torch.eye(self.rot_dim).expand(depth, num_heads, -1, -1).clone())
+
+    def orthogonal_basis(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``Q = basis @ cayley(S)``, shape ``(depth, num_heads, rot_dim, rot_dim)``, in ``dtype`` (default: that of
+        the parameters, at least fp32)."""
+        dtype = dtype or torch.promote_types(self.skew.dtype, torch.float32)
+        return self.basis.to(dtype) @ cayley(skew_from_params(self.skew.to(dtype), self.rot_dim))
+
+    def skew_generators(self) -> Tensor:
+        """Commuting generators ``Q pair_generators(w_a) Q^T``, ``(depth, num_heads, num_axes, head_dim, head_dim)``."""
+        Q = self.orthogonal_basis()[:, :, None]
+        gens = Q @ pair_generators(self.freqs.to(Q)) @ Q.transpose(-1, -2)
+        return block_diag(gens.unsqueeze(-3), self.head_dim, fill_identity=False)
+
+    def rotations(self, coords: Tensor) -> Rotations:
+        angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))
+        return basis_rotations(self.orthogonal_basis(coords.dtype), angles, self.head_dim)
+
+    @classmethod
+    def from_liere(cls, liere: PositionEncoding) -> RoPEBasis:
+        """A ``RoPEBasis`` with exactly the rotations of the 1D encoding ``liere`` (a ``LieRE``, or anything with
+        ``skew_generators()``).
+
+        Each generator ``A`` (``head_dim x head_dim``, block-diagonal skew) is brought to real Schur form
+        ``A = Z T Z^T`` (scipy, fp64): ``T`` holds 2x2 blocks ``[[0, -w], [w, 0]]`` and, for odd blocks or
+        pass-through features, zeros. The 2x2 blocks become pairs with frequency ``w``; zero eigenvalues are
+        paired with frequency 0. ``Z`` (columns reordered accordingly) becomes the ``basis``; ``S = 0``.
+        """
+        from scipy.linalg import schur
+
+        if liere.num_axes != 1:
+            raise ValueError(f"from_liere: liere must be 1D (num_axes=1), got num_axes={liere.num_axes}")
+        if liere.head_dim % 2:
+            raise ValueError(f"from_liere: liere.head_dim={liere.head_dim} must be even")
+        gens = liere.skew_generators().detach()[:, :, 0]  # (depth, heads, d, d)
+        device, gens = gens.device, gens.to(torch.float64).cpu()
+        depth, heads, d, _ = gens.shape
+        out = cls(d, num_axes=1, num_heads=heads, depth=depth)
+        freqs, basis = torch.zeros(depth, heads, 1, d // 2, dtype=torch.float64), torch.empty(depth, heads, d, d)
+        for i in range(depth):
+            for h in range(heads):
+                T, Z = (torch.from_numpy(m) for m in schur(gens[i, h].numpy(), output="real"))
+                order, w = _schur_pairs(T)
+                freqs[i, h, 0, : len(w)] = torch.tensor(w, dtype=torch.float64)
+                basis[i, h] = Z[:, order].float()
+        with torch.no_grad():
+            out.freqs.copy_(freqs)
+            out.basis.copy_(basis)
+        return out.to(device)
+
+
+def _schur_pairs(T: Tensor) -> tuple[list[int], list[float]]:
+    """Column order (rotation pairs first, zero-eigenvalue columns last) and pair frequencies of a real Schur
+    form ``T`` of a skew matrix (2x2 diagonal blocks are marked by a nonzero subdiagonal entry)."""
+    n, i = T.shape[0], 0
+    order, zeros, w = [], [], []
+    while i < n:
+        if i + 1 < n and T[i + 1, i] != 0:
+            order += [i, i + 1]
+            w.append(float(T[i + 1, i] - T[i, i + 1]) / 2)
+            i += 2
+        else:
+            zeros.append(i)
+            i += 1
+    return order + zeros, w
