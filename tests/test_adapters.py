@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,3 +90,56 @@ def test_rope_matches_x_transformers_rotary(rot_dim):
     rot = RoPE(head_dim, rot_dim=rot_dim)(grid_coords(n))
     torch.testing.assert_close(rot.apply(q), xq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rot.apply(q) @ rot.apply(k).transpose(-1, -2), xq @ xk.transpose(-1, -2))
+
+
+def x_transformers_adapter() -> dict:
+    """Execute the adapter code block of docs/x_transformers.md; return its namespace."""
+    pytest.importorskip("x_transformers")
+    text = (Path(__file__).parents[1] / "docs" / "x_transformers.md").read_text()
+    namespace: dict = {}
+    exec(compile(text.split("```python\n")[1].split("```")[0], "docs/x_transformers.md", "exec"), namespace)
+    return namespace
+
+
+def tiny_x_decoder(**decoder_kwargs):
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(0)
+    decoder = Decoder(dim=32, depth=2, heads=2, attn_dim_head=16, **decoder_kwargs)
+    return TransformerWrapper(num_tokens=20, max_seq_len=32, use_abs_pos_emb=False, attn_layers=decoder)
+
+
+def test_x_transformers_adapter_with_rope_equals_native_rotary():
+    adapted = tiny_x_decoder()
+    x_transformers_adapter()["liere_x_transformers"](adapted, "rope")
+    native = tiny_x_decoder(rotary_pos_emb=True, rotary_emb_dim=16)
+    missing, unexpected = native.load_state_dict(adapted.state_dict(), strict=False)
+    assert missing == ["attn_layers.rotary_pos_emb.inv_freq"] and unexpected == []
+    tokens = torch.randint(0, 20, (2, 24))
+    torch.testing.assert_close(adapted(tokens), native(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_x_transformers_adapter_trains_liere_causally():
+    model = tiny_x_decoder()
+    pe = x_transformers_adapter()["liere_x_transformers"](model, "liere8")
+    tokens = torch.randint(0, 20, (2, 25))
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    per_layer = pe.generators.grad.flatten(1).abs().sum(dim=1)
+    assert per_layer.shape == (2,) and (per_layer > 0).all()
+    changed = tokens[:, :-1].clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 20
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :12], logits[:, :12].detach())
+
+
+def test_x_transformers_adapter_rejects_what_it_cannot_place():
+    adapter = x_transformers_adapter()["liere_x_transformers"]
+    with pytest.raises(ValueError, match="rotary_pos_emb=False"):
+        adapter(tiny_x_decoder(rotary_pos_emb=True))
+    with pytest.raises(ValueError, match="qk-norm"):
+        adapter(tiny_x_decoder(attn_qk_norm=True))
+    model = tiny_x_decoder()
+    adapter(model, "liere8")
+    with pytest.raises(ValueError, match="seq_start_pos"):
+        model(torch.randint(0, 20, (2, 8)), seq_start_pos=torch.tensor([0, 2]))
