@@ -1,0 +1,54 @@
+"""Train one run: ``python -m train --task arrow --encoding liere8 --preset cpu --out runs/arrow-liere8``.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m train ...`` (DistributedDataParallel; the batch
+size is the global batch). ``--resume`` continues the run in ``--out`` exactly where its checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from train.loop import train
+from train.presets import PRESETS, preset_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="arrow", help="dataset name as in train.data.load_dataset (default: arrow)")
+    p.add_argument(
+        "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
+    )
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="model/data/budget preset (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="training seed: init, data order, dropout (default: 0)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, summary.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--steps", type=int, help="override the preset's number of optimizer steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
+    p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument("--eval-every", type=int, help="override: evaluate on val every N steps")
+    p.add_argument("--ckpt-every", type=int, help="override: checkpoint every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--die-at-step", type=int, help=argparse.SUPPRESS)  # debugging: SIGKILL after this step
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv``, train, print the summary's metrics and return the summary."""
+    args = parser().parse_args(argv)
+    config = preset_config(
+        args.preset, args.task, encoding=args.encoding, seed=args.seed, device=args.device, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        compile=args.compile or None,
+    )  # fmt: skip
+    summary = train(config, args.out, resume=args.resume, quiet=args.quiet, die_at_step=args.die_at_step)
+    keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
+    print(json.dumps({k: summary[k] for k in keys}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
