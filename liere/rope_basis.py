@@ -98,7 +98,8 @@ class RoPEBasis(PositionEncoding):
         Each generator ``A`` (``head_dim x head_dim``, block-diagonal skew) is brought to real Schur form
         ``A = Z T Z^T`` (scipy, fp64): ``T`` holds 2x2 blocks ``[[0, -w], [w, 0]]`` and, for odd blocks or
         pass-through features, zeros. The 2x2 blocks become pairs with frequency ``w``; zero eigenvalues are
-        paired with frequency 0. ``Z`` (columns reordered accordingly) becomes the ``basis``; ``S = 0``.
+        paired with frequency 0. ``Z`` (columns reordered accordingly) becomes the ``basis``; ``S = 0``. The result
+        has the generators' device and dtype (convert ``liere`` to fp64 first for an fp64 copy).
         """
         from scipy.linalg import schur
 
@@ -107,20 +108,19 @@ class RoPEBasis(PositionEncoding):
         if liere.head_dim % 2:
             raise ValueError(f"from_liere: liere.head_dim={liere.head_dim} must be even")
         gens = liere.skew_generators().detach()[:, :, 0]  # (depth, heads, d, d)
-        device, gens = gens.device, gens.to(torch.float64).cpu()
         depth, heads, d, _ = gens.shape
-        out = cls(d, num_axes=1, num_heads=heads, depth=depth)
+        out = cls(d, num_axes=1, num_heads=heads, depth=depth).to(gens)
         freqs, basis = torch.zeros(depth, heads, 1, d // 2, dtype=torch.float64), torch.empty(depth, heads, d, d)
         for i in range(depth):
             for h in range(heads):
-                T, Z = (torch.from_numpy(m) for m in schur(gens[i, h].numpy(), output="real"))
+                T, Z = (torch.from_numpy(m) for m in schur(gens[i, h].cpu().double().numpy(), output="real"))
                 order, w = _schur_pairs(T)
                 freqs[i, h, 0, : len(w)] = torch.tensor(w, dtype=torch.float64)
-                basis[i, h] = Z[:, order].float()
+                basis[i, h] = Z[:, order]
         with torch.no_grad():
             out.freqs.copy_(freqs)
             out.basis.copy_(basis)
-        return out.to(device)
+        return out
 
 
 def _schur_pairs(T: Tensor) -> tuple[list[int], list[float]]:
