@@ -49,8 +49,8 @@ class RoPEBasis(PositionEncoding):
 
     ``R(p) = Q blockdiag(rot(sum_a p_a w[a, j])) Q^T`` on the first ``rot_dim`` features (even), with
     ``Q = basis @ cayley(S)``: ``S`` learned skew (``skew``: ``(depth, num_heads, rot_dim (rot_dim-1) / 2)``,
-    init 0), ``basis`` a fixed orthogonal buffer (identity, or the eigenbasis set by ``from_liere``), so that
-    any orthogonal ``Q`` is reachable and training starts well-conditioned. ``freqs``
+    init 0) and ``basis`` a fixed orthogonal buffer: the identity, or the eigenbasis set by ``from_liere`` (the
+    Cayley map alone misses reflections and rotations by pi; ``S = 0`` starts training where ``basis`` is). ``freqs``
     ``(depth, num_heads, num_axes, rot_dim / 2)`` start as RoPE-Mixed's (``mixed_frequencies``): at init
     the encoding equals RoPE (1D) or RoPE-Mixed.
     """
