@@ -98,9 +98,14 @@ def init_weights(module: nn.Module) -> None:
 
 
 def resolve_encoding(
-    encoding: str | PositionEncoding, *, head_dim: int, num_axes: int, options: dict[str, object] | None, **model
+    encoding: str | PositionEncoding,
+    *,
+    head_dim: int,
+    num_axes: int,
+    options: dict[str, object] | None,
+    **sizes: object,
 ) -> PositionEncoding:
-    """Build ``encoding`` from a factory spec (``liere.build(spec, head_dim=, num_axes=, **model, **options)``),
+    """Build ``encoding`` from a factory spec (``liere.build(spec, head_dim=, num_axes=, **sizes, **options)``),
     or check that a ready ``PositionEncoding`` fits the model's ``head_dim`` and ``num_axes``."""
     if isinstance(encoding, PositionEncoding):
         if options:
@@ -113,7 +118,7 @@ def resolve_encoding(
         return encoding
     if not isinstance(encoding, str):
         raise TypeError(f"encoding must be a spec string such as 'liere8' or a PositionEncoding, got {encoding!r}")
-    return build(encoding, head_dim=head_dim, num_axes=num_axes, **model, **(options or {}))
+    return build(encoding, head_dim=head_dim, num_axes=num_axes, **sizes, **(options or {}))
 
 
 class CoordsCache:

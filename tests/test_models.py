@@ -24,7 +24,7 @@ def vit_2d(encoding: str, **kwargs) -> ViT:
 
 def vit_3d(encoding: str, **kwargs) -> ViT:
     torch.manual_seed(0)  # head_dim 24: divisible by 6 (axial over 3 axes), 4 (mixed) and 8 (liere8)
-    return ViT((4, 4, 16, 16), 5, (2, 4, 4), encoding=encoding, dim=48, depth=2, heads=2, **kwargs)
+    return ViT((1, 4, 16, 16), 5, (2, 4, 4), encoding=encoding, dim=48, depth=2, heads=2, **kwargs)
 
 
 def char_lm(encoding: str, **kwargs) -> CharLM:
@@ -129,6 +129,15 @@ def test_vit_runs_at_larger_resolutions(spec, coord_scale):
         for side in (24, 32):
             out = model(torch.randn(2, 3, side, side))
             assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("coord_scale", ["index", "stretch"])
+def test_vit_3d_runs_on_longer_larger_clips(coord_scale):
+    model = vit_3d("liere8", coord_scale=coord_scale).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 8, 24, 24))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    assert model.coords((4, 6, 6)).amax(dim=0).tolist() == ([3.0, 5.0, 5.0] if coord_scale == "index" else [1, 3, 3])
 
 
 def test_coord_scale_places_larger_grids():
