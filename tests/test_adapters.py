@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,13 +90,12 @@ def test_rope_matches_x_transformers_rotary(rot_dim):
     torch.testing.assert_close(rot.apply(q) @ rot.apply(k).transpose(-1, -2), xq @ xk.transpose(-1, -2))
 
 
-def x_transformers_adapter() -> dict:
-    """Execute the adapter code block of docs/x_transformers.md; return its namespace."""
+def x_transformers_adapter():
+    """The x-transformers adapter function (skips the test when x-transformers is not installed)."""
     pytest.importorskip("x_transformers")
-    text = (Path(__file__).parents[1] / "docs" / "x_transformers.md").read_text()
-    namespace: dict = {}
-    exec(compile(text.split("```python\n")[1].split("```")[0], "docs/x_transformers.md", "exec"), namespace)
-    return namespace
+    from models.xt_adapter import liere_x_transformers
+
+    return liere_x_transformers
 
 
 def tiny_x_decoder(**decoder_kwargs):
@@ -111,7 +108,7 @@ def tiny_x_decoder(**decoder_kwargs):
 
 def test_x_transformers_adapter_with_rope_equals_native_rotary():
     adapted = tiny_x_decoder()
-    x_transformers_adapter()["liere_x_transformers"](adapted, "rope")
+    x_transformers_adapter()(adapted, "rope")
     native = tiny_x_decoder(rotary_pos_emb=True, rotary_emb_dim=16)
     missing, unexpected = native.load_state_dict(adapted.state_dict(), strict=False)
     assert missing == ["attn_layers.rotary_pos_emb.inv_freq"] and unexpected == []
@@ -121,7 +118,7 @@ def test_x_transformers_adapter_with_rope_equals_native_rotary():
 
 def test_x_transformers_adapter_trains_liere_causally():
     model = tiny_x_decoder()
-    pe = x_transformers_adapter()["liere_x_transformers"](model, "liere8")
+    pe = x_transformers_adapter()(model, "liere8")
     tokens = torch.randint(0, 20, (2, 25))
     logits = model(tokens[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
@@ -134,7 +131,7 @@ def test_x_transformers_adapter_trains_liere_causally():
 
 
 def test_x_transformers_adapter_rejects_what_it_cannot_place():
-    adapter = x_transformers_adapter()["liere_x_transformers"]
+    adapter = x_transformers_adapter()
     with pytest.raises(ValueError, match="rotary_pos_emb=False"):
         adapter(tiny_x_decoder(rotary_pos_emb=True))
     with pytest.raises(ValueError, match="qk-norm"):
