@@ -9,6 +9,7 @@ global batch, metrics are all-reduced and only rank 0 writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -121,6 +122,15 @@ class MetricsLog:
             self.writer.close()
 
 
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names and exact bytes): equal iff the weights are bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -133,6 +143,11 @@ def evaluate(task: Task, model: nn.Module, split: str, device: torch.device, ran
     stats = all_reduce(task.eval_stats(model, split, device, rank, world))
     model.train(was_training)
     return task.summarize(stats)
+
+
+def run_guard(config: RunConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config's trajectory fields and the process count."""
+    return config.trajectory() | {"world_size": world_size}
 
 
 def train(
@@ -157,7 +172,7 @@ def train(
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     task = load_task(config) if task is None else task
-    guard = config.trajectory() | {"world_size": world}
+    guard = run_guard(config, world)
 
     torch.manual_seed(config.seed)
     model = task.build_model().to(device)
@@ -242,6 +257,7 @@ def train(
         "val": metrics,
         "test": test,
         "params": count_parameters(model),
+        "state_sha256": state_sha256(model),
         "step_time_ms": 1000 * timing["seconds"] / timing["steps"] if timing["steps"] else float("nan"),
         **peak_memory(device),
         "steps": config.steps,
