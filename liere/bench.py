@@ -1,0 +1,363 @@
+"""Op-level speed benchmark: ``python -m liere.bench [--size tiny|small|real] [--device cpu|cuda] [--json PATH]``.
+
+Two markdown tables; every row carries its time relative to a baseline timed in the same run:
+
+- exponential: every ``skew_expm`` method against ``torch.linalg.matrix_exp`` in fp32, forward and
+  forward+backward, on the generator stacks of real models (paper init: uniform ``[0, 2 pi)`` generators,
+  coordinates in ``[0, 1]``), with orthogonality and relative error against the fp64 ``matrix_exp``;
+- application: ``Rotations.apply`` (pairs, blocks) against an eager RoPE (rotary-embedding-torch when
+  installed) and one SDPA call of the same shape.
+
+``--size`` defaults to ``tiny`` on CPU and ``real`` on CUDA. On CUDA the application runs in bf16 (autocast),
+times come from CUDA events, and peak memory from ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from liere.coords import grid_coords
+from liere.expm import orthogonality_error, skew_expm
+from liere.lie import LieRE
+from liere.rotations import Rotations
+
+SIZES = ("tiny", "small", "real")
+HEAD_DIM = 64
+BLOCKS = (2, 3, 4, 8, 16, 64)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- shared utilities
+def default_size(device: torch.device) -> str:
+    return "real" if device.type == "cuda" else "tiny"
+
+
+def time_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Median wall time in milliseconds of each ``fns[name]()``, after one warm-up call each.
+
+    The functions are timed round-robin, so machine noise hits all of them alike and their ratios stay
+    meaningful on a shared machine. On CUDA, CUDA events time the device work.
+    """
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if rep:  # rep 0 is the warm-up
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on CPU (CPU rows are fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of ``rows`` with ``(key, header)`` columns; floats printed with 3 significant digits."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.3g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def add_ratios(rows: list[dict], key: Callable[[dict], object], is_baseline: Callable[[dict], bool]) -> None:
+    """Set ``<t>_ratio = <t>_ms / baseline <t>_ms`` for ``t`` in fwd/fwdbwd, the baseline sharing ``key(row)``."""
+    base = {key(r): r for r in rows if is_baseline(r)}
+    for r in rows:
+        for t in ("fwd", "fwdbwd"):
+            r[f"{t}_ratio"] = r[f"{t}_ms"] / base[key(r)][f"{t}_ms"]
+
+
+def describe(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{name}, torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- exponential
+@dataclass(frozen=True)
+class Stack:
+    """Generator stack of a model: ``depth x heads x positions x (head_dim / b)`` skew ``b x b`` matrices."""
+
+    name: str
+    heads: int
+    grid: tuple[int, ...]
+    depth: int = 1
+
+
+def stacks(size: str) -> list[Stack]:
+    side, length, depth = {"tiny": (3, 64, 2), "small": (7, 256, 12), "real": (14, 1024, 12)}[size]
+    return [
+        Stack("ViT-S", 6, (side, side)),
+        Stack(f"ViT-S x{depth} layers", 6, (side, side), depth=depth),
+        Stack("ViT-B", 12, (side, side)),
+        Stack("char-LM", 8, (length,)),
+    ]
+
+
+def algebra(stack: Stack, b: int, device: torch.device) -> Tensor:
+    """``sum_a p_a A_a`` for every layer, head, position and block: ``(..., b, b)`` fp32, paper init."""
+    rot_dim = HEAD_DIM // b * b  # b=3: 21 blocks, one feature passes through
+    pe = LieRE(HEAD_DIM, len(stack.grid), stack.heads, stack.depth, b, rot_dim=rot_dim, init="uniform", seed=0)
+    coords = grid_coords(*stack.grid, spacing=[1 / max(n - 1, 1) for n in stack.grid])
+    A = torch.einsum("na,lhaiuv->lhniuv", coords, pe.generator_blocks().detach())
+    return A.reshape(-1, b, b).to(device)
+
+
+def exp_methods(b: int) -> list[str]:
+    return ["matrix_exp", "exact", *(["closed"] if b <= 3 else []), "taylor_cans"]
+
+
+def run_exp(method: str, A: Tensor) -> Tensor:
+    return torch.linalg.matrix_exp(A) if method == "matrix_exp" else skew_expm(A, method)
+
+
+def fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
+    """A closure running ``fn(x)`` forward and backward against a fixed random cotangent."""
+    x = x.detach().requires_grad_()
+    cotangent = torch.randn_like(fn(x).float()).to(x.dtype)
+
+    def step() -> None:
+        x.grad = None
+        fn(x).backward(cotangent)
+
+    return step
+
+
+def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], repeats: int) -> list[dict]:
+    """One row per (stack, b, input dtype, method); baseline: ``torch.linalg.matrix_exp`` fp32."""
+    rows = []
+    for stack in stacks(size):
+        for b in blocks:
+            A32 = algebra(stack, b, device)
+            group, fns = [], {}
+            for dname, dtype in DTYPES.items():
+                A = A32.to(dtype)
+                ref = torch.linalg.matrix_exp(A.double())
+                for method in exp_methods(b):
+                    if method == "matrix_exp" and dtype != torch.float32:
+                        continue  # the baseline; natively in bf16 it returns NaN or is unsupported
+                    R = run_exp(method, A)
+                    rel = torch.linalg.matrix_norm(R.double() - ref).amax() / math.sqrt(b)
+                    key = (dname, method)
+                    fns[("fwd", *key)] = lambda m=method, A=A: run_exp(m, A)
+                    fns[("fwdbwd", *key)] = fwd_bwd(lambda x, m=method: run_exp(m, x), A)
+                    group.append(
+                        dict(
+                            stack=stack.name,
+                            matrices=A.shape[0],
+                            block=b,
+                            dtype=dname,
+                            method=method,
+                            auto=method == ("closed" if b <= 3 else "taylor_cans"),
+                            orth_error=float(orthogonality_error(R)),
+                            rel_error=float(rel),
+                        )
+                    )
+            times = time_ms(fns, device, repeats)
+            for row in group:
+                for t in ("fwd", "fwdbwd"):
+                    row[f"{t}_ms"] = times[(t, row["dtype"], row["method"])]
+            rows += group
+    add_ratios(rows, lambda r: (r["stack"], r["block"]), lambda r: r["method"] == "matrix_exp")
+    return rows
+
+
+EXP_COLUMNS = [
+    ("stack", "stack"),
+    ("matrices", "matrices"),
+    ("block", "b"),
+    ("dtype", "input"),
+    ("method", "method"),
+    ("auto", "auto"),
+    ("fwd_ms", "fwd ms"),
+    ("fwd_ratio", "fwd / matrix_exp"),
+    ("fwdbwd_ms", "fwd+bwd ms"),
+    ("fwdbwd_ratio", "fwd+bwd / matrix_exp"),
+    ("orth_error", "orth err"),
+    ("rel_error", "rel err"),
+]
+
+
+# ----------------------------------------------------------------------------- application
+@dataclass(frozen=True)
+class Shape:
+    """Queries ``(batch, heads, n, HEAD_DIM)`` of a model's attention layer."""
+
+    name: str
+    batch: int
+    heads: int
+    n: int
+    causal: bool = False
+
+
+def shapes(size: str) -> list[Shape]:
+    vit = {"tiny": (8, 10), "small": (64, 50), "real": (256, 197)}[size]
+    lm = {"tiny": (4, 64), "small": (8, 256), "real": (32, 1024)}[size]
+    return [Shape("ViT-S", vit[0], 6, vit[1]), Shape("char-LM", lm[0], 8, lm[1], causal=True)]
+
+
+def eager_rope() -> tuple[str, Callable[[Tensor], Tensor]]:
+    """rotary-embedding-torch's ``rotate_queries_or_keys`` if installed, else the same math inline."""
+    try:
+        from rotary_embedding_torch import RotaryEmbedding
+    except ImportError:
+        freqs = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+
+        def rope(x: Tensor) -> Tensor:
+            angles = torch.arange(x.shape[-2], device=x.device).float()[:, None] * freqs.to(x.device)
+            angles = angles.repeat_interleave(2, dim=-1)
+            x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            rotated = torch.stack((-x1, x0), dim=-1).flatten(-2)
+            return (x * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+        return "rope (eager inline)", rope
+    return "rope (rotary-embedding-torch)", RotaryEmbedding(dim=HEAD_DIM).rotate_queries_or_keys
+
+
+def random_rotations(shape: Shape, block: int, device: torch.device) -> Rotations:
+    """Per-head rotations (shared by the batch) for ``shape``: pairs for ``block == 2``, else blocks."""
+    gen = torch.Generator().manual_seed(block)
+    if block == 2:
+        angles = torch.rand(1, 1, shape.heads, shape.n, HEAD_DIM // 2, generator=gen) * 2 * math.pi
+        rot = Rotations(HEAD_DIM, cos=angles.cos(), sin=angles.sin())
+    else:
+        M = torch.randn(1, 1, shape.heads, shape.n, HEAD_DIM // block, block, block, generator=gen)
+        rot = Rotations(HEAD_DIM, blocks=skew_expm(M - M.mT))
+    return rot.to(device)
+
+
+def application_fns(shape: Shape, device: torch.device, blocks: Sequence[int]) -> dict[str, Callable[..., Tensor]]:
+    """Name -> function of ``(q, k, v, *rotation tensors)`` for every applied variant (baseline first)."""
+    name, rope = eager_rope()
+    fns: dict[str, Callable[..., Tensor]] = {name: lambda q, k, v: rope(q)}
+    for block in blocks:
+        rot = random_rotations(shape, block, device)
+        label = "pairs" if block == 2 else f"blocks b={block}"
+        for t in (rot.cos, rot.sin, rot.blocks):
+            if t is not None:
+                t.requires_grad_()  # learned rotations: fwd+bwd includes their gradient
+        fns[f"Rotations.apply {label}"] = lambda q, k, v, rot=rot: rot.apply(q)
+    fns["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+    return fns
+
+
+def attention_steps(
+    fn: Callable[..., Tensor], qkv: list[Tensor], device: torch.device
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Closures running ``fn(q, k, v)`` forward only, and forward+backward (gradients for q, k, v, rotations)."""
+
+    def forward() -> Tensor:
+        with autocast(device), torch.no_grad():
+            return fn(*qkv)
+
+    def train() -> None:
+        q, k, v = (t.detach().requires_grad_() for t in qkv)
+        with autocast(device):
+            out = fn(q, k, v)
+        out.float().sum().backward()
+
+    return forward, train
+
+
+def bench_application(size: str, device: torch.device, blocks: Sequence[int], repeats: int) -> list[dict]:
+    """One row per (shape, variant); baseline: the eager RoPE on the same queries."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for shape in shapes(size):
+        gen = torch.Generator().manual_seed(0)
+        qkv = [torch.randn(shape.batch, shape.heads, shape.n, HEAD_DIM, generator=gen).to(device, dtype) for _ in "qkv"]
+        variants = application_fns(shape, device, blocks)
+        fns = {}
+        for variant, fn in variants.items():
+            fns[("fwd", variant)], fns[("fwdbwd", variant)] = attention_steps(fn, qkv, device)
+        times = time_ms(fns, device, repeats)
+        for variant in variants:
+            rows.append(
+                dict(
+                    shape=f"{shape.name} {shape.batch}x{shape.heads}x{shape.n}x{HEAD_DIM}",
+                    variant=variant,
+                    dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+                    fwd_ms=times[("fwd", variant)],
+                    fwdbwd_ms=times[("fwdbwd", variant)],
+                )
+            )
+    add_ratios(rows, lambda r: r["shape"], lambda r: r["variant"].startswith("rope"))
+    return rows
+
+
+APPLY_COLUMNS = [
+    ("shape", "q shape"),
+    ("variant", "variant"),
+    ("dtype", "dtype"),
+    ("fwd_ms", "fwd ms"),
+    ("fwd_ratio", "fwd / RoPE"),
+    ("fwdbwd_ms", "fwd+bwd ms"),
+    ("fwdbwd_ratio", "fwd+bwd / RoPE"),
+]
+
+
+# ----------------------------------------------------------------------------- entry point
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m liere.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=SIZES, help="default: tiny on CPU, real on CUDA")
+    parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="exponential block sizes")
+    parser.add_argument("--apply-blocks", type=int, nargs="+", default=[2, 8, 64], help="2 = pairs")
+    tables = ["exponential", "application"]
+    parser.add_argument("--tables", nargs="+", choices=tables, default=tables)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
+    parser.add_argument("--json", help="also write all rows to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, print markdown tables, return (and optionally write) the results."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    size = args.size or default_size(device)
+    results: dict = dict(device=describe(device), size=size)
+    print(f"# liere op benchmark: {results['device']}, size {size}\n")
+    if "exponential" in args.tables:
+        results["exponential"] = bench_exponential(size, device, args.blocks, args.repeats)
+        print("## exponential (baseline: torch.linalg.matrix_exp fp32)\n")
+        print(markdown_table(results["exponential"], EXP_COLUMNS) + "\n")
+    if "application" in args.tables:
+        results["application"] = bench_application(size, device, args.apply_blocks, args.repeats)
+        print("## application (baseline: eager RoPE)\n")
+        print(markdown_table(results["application"], APPLY_COLUMNS) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
