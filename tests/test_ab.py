@@ -1,0 +1,51 @@
+"""A/B runner: smoke run writes table, results.json, plots and reloadable checkpoints; bad specs fail early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train import ab
+from train.checkpoint import load_model
+
+ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet"]
+
+
+def test_smoke_run_writes_results(tmp_path, capsys):
+    out = tmp_path / "ab"
+    ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| none |" in printed and "| liere8 |" in printed and "sklearn" in printed  # table and data source
+    for name in ("results.json", "results.md", "curves.png", "final.png"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["encodings"] == ["none", "liere8"] and saved["seeds"] == [0]
+    assert {"data_source", "device", "torch_version", "wall_time_s", "runs", "summary", "table"} <= saved.keys()
+    assert [r["step_time_ratio"] for r in saved["summary"]][0] == 1.0
+    for run in saved["runs"]:
+        assert run["config"]["encoding"] == run["encoding"] and "accuracy" in run["test"]
+        model = load_model(out / run["checkpoint"])  # enough is stored to rebuild every run's model
+        assert sum(p.numel() for p in model.parameters()) == run["params"]
+        assert (out / run["metrics_log"]).is_file()
+
+    # --resume skips finished runs: same numbers, no retraining
+    summary_file = out / saved["runs"][0]["run_dir"] / "summary.json"
+    mtime = summary_file.stat().st_mtime_ns
+    again = ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out), "--resume"])
+    assert summary_file.stat().st_mtime_ns == mtime
+    assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]
+
+
+def test_unknown_encoding_fails_before_training(tmp_path):
+    out = tmp_path / "ab"
+    with pytest.raises(ValueError, match="bogus9"):
+        ab.main([*ARGS, "--encodings", "none,bogus9", "--out", str(out)])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_parse_seeds():
+    assert ab.parse_seeds("0,1,2") == [0, 1, 2] == ab.parse_seeds("0-2")
+    assert ab.parse_seeds("7") == [7]
+    with pytest.raises(ValueError, match="--seeds"):
+        ab.parse_seeds("a,b")

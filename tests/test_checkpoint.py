@@ -1,0 +1,90 @@
+"""Checkpoints: a SIGKILLed run resumes to the bitwise-identical result; corrupt or foreign checkpoints fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.checkpoint import CheckpointError, load_model
+from train.loop import train
+from train.presets import preset_config
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--task", "digits", "--preset", "smoke", "--encoding", "liere8", "--steps", "30", "--ckpt-every", "10",
+        "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train", *ARGS, "--out", str(out), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run and one killed after step 25 (checkpoint at 20), then resumed."""
+    root = tmp_path_factory.mktemp("ckpt")
+    full = _train(root / "full")
+    assert full.returncode == 0, full.stderr
+    killed = _train(root / "killed", "--die-at-step", "25")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (root / "killed" / "summary.json").exists()
+    shutil.copytree(root / "killed", root / "crashed")  # the state right after the crash, for the error tests
+    resumed = _train(root / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return root
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_resume_after_sigkill_is_bitwise_identical(runs):
+    full, resumed = _summary(runs / "full"), _summary(runs / "killed")
+    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["state_sha256"] == full["state_sha256"]
+    assert resumed["test"] == full["test"]
+    steps = [json.loads(line)["step"] for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # the crashed run's steps 21..25 were dropped, not doubled
+
+
+def test_checkpoint_rebuilds_the_model(runs):
+    model = load_model(runs / "full" / "last.pt")
+    assert sum(p.numel() for p in model.parameters()) == _summary(runs / "full")["params"]
+
+
+def _config(**changes):
+    base = dict(encoding="liere8", steps=30, ckpt_every=10, device="cpu")
+    return preset_config("smoke", "digits", **(base | changes))
+
+
+def test_corrupt_checkpoint_raises_and_keeps_files(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "crashed", run)
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    before = {p.name: p.read_bytes() for p in run.glob("*.pt")}
+    with pytest.raises(CheckpointError, match=r"last\.pt.*(unreadable|corrupt).*prev\.pt"):
+        train(_config(), run, resume=True, quiet=True)
+    assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"last\.pt"):
+        train(_config(), run, resume=True, quiet=True)
+
+
+def test_mismatched_config_raises(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "crashed", run)
+    with pytest.raises(CheckpointError, match=r"last\.pt.*encoding: 'liere8' in checkpoint vs 'rope-mixed' now"):
+        train(_config(encoding="rope-mixed"), run, resume=True, quiet=True)
+    with pytest.raises(CheckpointError, match="lr"):
+        train(_config(lr=0.5), run, resume=True, quiet=True)
+    with pytest.raises(FileExistsError, match="resume"):  # a fresh run never overwrites a checkpoint
+        train(_config(), run, quiet=True)
