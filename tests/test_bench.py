@@ -1,0 +1,66 @@
+"""The benchmark harnesses run at their tiniest size and produce complete, finite tables (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from liere import Rotations, skew_expm
+from liere import bench as op_bench
+from train import bench as model_bench
+
+
+def assert_times(rows: list[dict], keys: tuple[str, ...]) -> None:
+    for row in rows:
+        for key in keys:
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+
+
+def test_op_bench_rows_and_json(tmp_path) -> None:
+    path = tmp_path / "ops.json"
+    argv = ["--device", "cpu", "--size", "tiny", "--blocks", "2", "8", "--apply-blocks", "2", "8", "--repeats", "1"]
+    results = op_bench.main([*argv, "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+
+    exp = results["exponential"]
+    stacks = {s.name for s in op_bench.stacks("tiny")}
+    expected = {(s, b, d, m) for s in stacks for b in (2, 8) for d in ("fp32", "bf16") for m in op_bench.exp_methods(b)}
+    expected -= {(s, b, "bf16", "matrix_exp") for s in stacks for b in (2, 8)}
+    assert {(r["stack"], r["block"], r["dtype"], r["method"]) for r in exp} == expected
+    assert_times(exp, ("fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio"))
+    for row in exp:
+        if row["method"] == "matrix_exp":
+            assert row["fwd_ratio"] == row["fwdbwd_ratio"] == 1
+        if row["dtype"] == "fp32" and row["method"] not in ("exact", "matrix_exp"):  # these drift at paper norms
+            assert row["orth_error"] <= 1e-5 and row["rel_error"] <= 1e-4, row
+
+    app = results["application"]
+    variants = {r["variant"] for r in app}
+    assert {"Rotations.apply pairs", "Rotations.apply blocks b=8", "sdpa"} <= variants
+    assert len(variants) == 4 and len(app) == 4 * len(op_bench.shapes("tiny"))
+    assert_times(app, ("fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio"))
+
+
+def test_model_bench_rows(tmp_path) -> None:
+    path = tmp_path / "models.json"
+    results = model_bench.main(["--size", "tiny", "--models", "ViT 32px/8", "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text())["rows"] == results["rows"]
+    rows = results["rows"]
+    assert [r["encoding"] for r in rows] == list(model_bench.ENCODINGS_2D)
+    assert_times(rows, ("step_ms", "step_ratio"))
+    assert all(r["peak_mib"] is None for r in rows)  # not measured on CPU
+    lm = model_bench.main(["--size", "tiny", "--models", "char-LM", "--encodings", "reference", "--repeats", "1"])
+    assert [r["encoding"] for r in lm["rows"]] == ["rope", "reference"]
+
+
+def test_reference_rotations_apply_like_rotations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(1, 1, 3, 5, 1, 8, 8, generator=gen)
+    blocks = skew_expm(M - M.mT)
+    q = torch.randn(2, 3, 5, 8, generator=gen)
+    expected = Rotations(8, blocks=blocks).apply(q)
+    reference = model_bench.ReferenceRotations(8, blocks=blocks)
+    torch.testing.assert_close(reference.apply(q), expected)
+    torch.testing.assert_close(reference.with_prefix(1).apply(torch.cat([q[:, :, :1], q], 2))[:, :, 1:], expected)
