@@ -91,12 +91,12 @@ PRESETS: dict[str, Preset] = {
                       ckpt_every=15, log_every=5),
     ),
     "cpu": Preset(
-        vit=dict(dim=128, depth=3, heads=2, mlp_ratio=2.0),
-        lm=dict(dim=128, depth=3, heads=2, mlp_ratio=2.0, context=128),
+        vit=dict(dim=64, depth=4, heads=1),  # one 64-wide head, so that liere64 (dense LieRE) fits
+        lm=dict(dim=64, depth=4, heads=1, context=128),
         data=dict(arrow=dict(image_size=48, grid=6, num_train=8000, num_val=500, num_test=1000),
                   clips3d=dict(frames=8, size=32)),
         max_grid=8,
-        training=dict(steps=800, batch_size=64, lr=1e-3, warmup_steps=50, eval_every=200, eval_samples=1000,
+        training=dict(steps=600, batch_size=64, lr=2e-3, warmup_steps=50, eval_every=100, eval_samples=1000,
                       ckpt_every=200, log_every=10),
     ),
     "gpu": Preset(
