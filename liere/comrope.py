@@ -12,26 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.encoding import LearnedEncoding, check_block_size
 from liere.expm import skew_expm
-from liere.linalg import block_diag, num_skew_params, skew_from_params
-from liere.rope import default_theta, rope_frequencies
+from liere.linalg import block_diag, pair_block_params, skew_from_params
+from liere.rope import rope_frequencies
 from liere.rotations import Rotations
 
 VARIANTS = ("ap", "ld")
 
 
-def pair_block_params(freqs: Tensor, b: int) -> Tensor:
-    """Strictly-lower-triangle parameters ``(..., b (b-1) / 2)`` of ``b x b`` skew blocks holding the 2x2
-    generators ``[[0, -w], [w, 0]]`` of ``freqs`` ``(..., b // 2)`` on the feature pairs ``(2k, 2k+1)``."""
-    rows, cols = torch.tril_indices(b, b, -1)
-    pair_entries = ((rows % 2 == 1) & (cols == rows - 1)).nonzero().squeeze(-1)
-    params = freqs.new_zeros(*freqs.shape[:-1], num_skew_params(b))
-    params[..., pair_entries] = freqs
-    return params
-
-
-class ComRoPE(PositionEncoding):
+class ComRoPE(LearnedEncoding):
     """ComRoPE with ``block_size`` x ``block_size`` commuting skew blocks per layer and head.
 
     Parameters: ``blocks`` ``(depth, num_heads, rot_dim / b, b (b-1) / 2)`` (strictly-lower-triangle entries of
@@ -55,19 +45,15 @@ class ComRoPE(PositionEncoding):
         method: str = "auto",
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
-        self.num_heads = check_positive_int(num_heads, "num_heads")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
-        self.variant, self.block_size, self.method = variant, block_size, method
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, block_size, f"block_size={block_size}")
+        self.variant, self.block_size, self.method = variant, check_block_size(block_size), method
+        why = f"block_size={block_size}"
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
         num_blocks = self.rot_dim // block_size
         if variant == "ap" and num_blocks < num_axes:
             raise ValueError(f"variant 'ap' needs at least num_axes={num_axes} blocks, got {num_blocks}")
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        gen = self.init_generator(seed)
         freqs = rope_frequencies(2 * num_blocks * (block_size // 2), self.theta).reshape(num_blocks, -1)
         self.blocks = nn.Parameter(pair_block_params(freqs, block_size).expand(depth, num_heads, -1, -1).clone())
         if variant == "ld":

@@ -28,6 +28,18 @@ def resolve_rot_dim(head_dim: int, rot_dim: int | None, multiple: int, why: str)
     return rot
 
 
+def check_block_size(block_size: object) -> int:
+    """Return ``block_size`` if it is an int >= 2, else raise."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+    return block_size
+
+
+def default_theta(num_axes: int) -> float:
+    """10000 for 1D token indices (RoPE), 10 for 2D/3D patch grids (rope-vit's RoPE-Mixed)."""
+    return 10000.0 if num_axes == 1 else 10.0
+
+
 class PositionEncoding(nn.Module):
     """Base class: maps coordinates ``(n, num_axes)`` or ``(batch, n, num_axes)`` to ``Rotations``.
 
@@ -67,3 +79,32 @@ class PositionEncoding(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
         return {name for name, _ in self.named_parameters()}
+
+
+class LearnedEncoding(PositionEncoding):
+    """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``).
+
+    Validates and stores ``num_heads``, the rotated width ``rot_dim`` (a multiple of ``multiple``) and the
+    frequency base ``theta`` (``default_theta`` when None); ``init_generator`` seeds the initialisation.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int,
+        num_heads: int,
+        depth: int,
+        rot_dim: int | None,
+        multiple: int,
+        why: str,
+        theta: float | None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, depth)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, multiple, why)
+        self.theta = default_theta(num_axes) if theta is None else float(theta)
+
+    @staticmethod
+    def init_generator(seed: int | None) -> torch.Generator | None:
+        """A CPU generator seeded with ``seed`` (None: the global RNG)."""
+        return None if seed is None else torch.Generator().manual_seed(seed)

@@ -7,16 +7,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.encoding import LearnedEncoding, check_block_size
 from liere.expm import skew_expm
-from liere.linalg import block_diag, num_skew_params, skew_from_params
-from liere.rope import default_theta, mixed_frequencies, pair_rotations
+from liere.linalg import block_diag, num_skew_params, pair_block_params, skew_from_params
+from liere.rope import mixed_frequencies, pair_rotations
 from liere.rotations import Rotations
 
 INITS = ("rope", "uniform", "normal")
 
 
-class LieRE(PositionEncoding):
+class LieRE(LearnedEncoding):
     """Lie rotational position encoding with block-diagonal skew-symmetric generators.
 
     Each of ``depth`` layers and ``num_heads`` heads has one generator ``A_a`` per axis: a block-diagonal
@@ -49,17 +49,13 @@ class LieRE(PositionEncoding):
         method: str = "auto",
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
-        self.num_heads = check_positive_int(num_heads, "num_heads")
-        if not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
-        self.block_size = block_size
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, block_size, f"block_size={block_size}")
+        self.block_size = check_block_size(block_size)
+        why = f"block_size={block_size}"
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.init, self.method = init, method
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        gen = self.init_generator(seed)
         num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
         shape = (depth, num_heads, num_axes, num_blocks, m)
         if init == "uniform":
@@ -79,11 +75,7 @@ class LieRE(PositionEncoding):
         b = self.block_size
         pairs_per_block = b // 2
         freqs = mixed_frequencies(num_blocks * pairs_per_block, axes, heads, depth, self.theta, gen)
-        rows, cols = torch.tril_indices(b, b, -1)
-        pair_entry = [int(((rows == 2 * k + 1) & (cols == 2 * k)).nonzero()) for k in range(pairs_per_block)]
-        params = torch.zeros(shape)
-        params[..., pair_entry] = freqs.unflatten(-1, (num_blocks, pairs_per_block))
-        return params
+        return pair_block_params(freqs.unflatten(-1, (num_blocks, pairs_per_block)), b)
 
     def generator_blocks(self) -> Tensor:
         """Skew blocks ``(depth, num_heads, num_axes, rot_dim / b, b, b)``."""

@@ -27,6 +27,16 @@ def skew_from_params(params: Tensor, b: int) -> Tensor:
     return lower - lower.transpose(-1, -2)
 
 
+def pair_block_params(freqs: Tensor, b: int) -> Tensor:
+    """Strictly-lower-triangle parameters ``(..., b (b-1) / 2)`` of ``b x b`` skew blocks holding the 2x2
+    generators ``[[0, -w], [w, 0]]`` of ``freqs`` ``(..., b // 2)`` on the feature pairs ``(2k, 2k+1)``."""
+    rows, cols = torch.tril_indices(b, b, -1)
+    pair_entries = ((rows % 2 == 1) & (cols == rows - 1)).nonzero().squeeze(-1)
+    params = freqs.new_zeros(*freqs.shape[:-1], num_skew_params(b))
+    params[..., pair_entries] = freqs
+    return params
+
+
 def block_diag(blocks: Tensor, size: int, fill_identity: bool) -> Tensor:
     """Dense ``(..., size, size)`` matrices with ``blocks`` ``(..., nb, b, b)`` on the diagonal.
 

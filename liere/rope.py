@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.encoding import LearnedEncoding, PositionEncoding, resolve_rot_dim
 from liere.rotations import Rotations
 
 
@@ -19,11 +19,6 @@ def rope_frequencies(rot_dim: int, theta: float, step: int = 2) -> Tensor:
 def pair_rotations(angles: Tensor, head_dim: int) -> Rotations:
     """Rotations from angles ``(depth, S, H, n, pairs)`` of the feature pairs ``(2j, 2j+1)``."""
     return Rotations(head_dim, cos=angles.cos(), sin=angles.sin())
-
-
-def default_theta(num_axes: int) -> float:
-    """10000 for 1D token indices (RoPE), 10 for 2D/3D patch grids (rope-vit's RoPE-Mixed)."""
-    return 10000.0 if num_axes == 1 else 10.0
 
 
 def mixed_frequencies(
@@ -91,7 +86,7 @@ class AxialRoPE(PositionEncoding):
         return pair_rotations(angles[None, :, None], self.head_dim)
 
 
-class RoPEMixed(PositionEncoding):
+class RoPEMixed(LearnedEncoding):
     """RoPE-Mixed (Heo et al. 2024): learned per-layer, per-head frequencies mixing all axes.
 
     Pair ``j`` rotates by ``sum_a p_a f[layer, head, a, j]``; ``f`` is initialised by ``mixed_frequencies``.
@@ -108,11 +103,8 @@ class RoPEMixed(PositionEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
-        self.num_heads = check_positive_int(num_heads, "num_heads")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE-Mixed rotates feature pairs")
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 2, "RoPE-Mixed rotates feature pairs", theta)
+        gen = self.init_generator(seed)
         init = mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen)
         self.freqs = nn.Parameter(init)  # (depth, heads, axes, pairs)
 

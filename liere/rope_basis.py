@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.encoding import LearnedEncoding, PositionEncoding
 from liere.linalg import block_diag, num_skew_params, skew_from_params
-from liere.rope import default_theta, mixed_frequencies
+from liere.rope import mixed_frequencies
 from liere.rotations import Rotations
 
 
@@ -44,7 +44,7 @@ def basis_rotations(basis: Tensor, angles: Tensor, head_dim: int) -> Rotations:
     return Rotations(head_dim, blocks=(rotated @ Q.transpose(-1, -2)).unsqueeze(-3))
 
 
-class RoPEBasis(PositionEncoding):
+class RoPEBasis(LearnedEncoding):
     """RoPE with learned frequencies in a learned orthogonal basis (per layer and head).
 
     ``R(p) = Q blockdiag(rot(sum_a p_a w[a, j])) Q^T`` on the first ``rot_dim`` features (even), with
@@ -65,11 +65,8 @@ class RoPEBasis(PositionEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
-        self.num_heads = check_positive_int(num_heads, "num_heads")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "the basis rotates feature pairs")
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 2, "the basis rotates feature pairs", theta)
+        gen = self.init_generator(seed)
         self.freqs = nn.Parameter(mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen))
         self.skew = nn.Parameter(torch.zeros(depth, num_heads, num_skew_params(self.rot_dim)))
         self.register_buffer("basis", torch.eye(self.rot_dim).expand(depth, num_heads, -1, -1).clone())

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import PositionEncoding, check_positive_int, resolve_rot_dim
+from liere.encoding import LearnedEncoding
 from liere.linalg import block_diag
-from liere.rope import default_theta, mixed_frequencies
+from liere.rope import mixed_frequencies
 from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
 
@@ -57,7 +57,7 @@ def circulant(row: Tensor) -> Tensor:
     return row[..., (idx[None, :] - idx[:, None]) % r]
 
 
-class CirculantSTRING(PositionEncoding):
+class CirculantSTRING(LearnedEncoding):
     """Circulant-STRING: ``R(p) = exp(sum_a p_a L_a)``, ``L_a = C_a - C_a^T`` skew circulant, per layer and head.
 
     Only the skew part of ``C_a`` matters, so the parameters are its free first-row entries:
@@ -80,13 +80,10 @@ class CirculantSTRING(PositionEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
-        self.num_heads = check_positive_int(num_heads, "num_heads")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 1, "")
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 1, "", theta)
         if self.rot_dim < 3:
             raise ValueError(f"rot_dim must be >= 3 for a skew circulant with free entries, got {self.rot_dim}")
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        gen = self.init_generator(seed)
         h = (self.rot_dim - 1) // 2
         nu = mixed_frequencies(h + h % 2, num_axes, num_heads, depth, self.theta, gen)[..., :h]
         # nu[k] = 2 sum_m l[m] sin(2 pi m k / r) for k, m = 1..h: an invertible (DST) linear map
