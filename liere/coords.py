@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,24 @@ def check_coords(coords: Tensor, num_axes: int) -> Tensor:
         )
     if coords.shape[-2] == 0:
         raise ValueError("coords must hold at least one position, got n=0")
-    # The finiteness check reads a value back from the device; torch.compile traces skip it (no graph break).
-    if coords.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(coords).all()):
-        raise ValueError("coords contain NaN or inf; every coordinate must be finite")
+    if coords.is_floating_point() and not torch.compiler.is_compiling() and not _known_finite(coords):
+        if not bool(torch.isfinite(coords).all()):
+            raise ValueError("coords contain NaN or inf; every coordinate must be finite")
+        _remember_finite(coords)
     return coords if coords.dim() == 3 else coords.unsqueeze(0)
+
+
+# The finiteness check reads a value back from the device (a GPU sync). Tensors that passed it are remembered
+# (weakly, with their version counter) so a model reusing its cached grid coordinates pays it once; any
+# in-place change bumps the version and forces a new check. torch.compile traces skip the check entirely.
+_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _known_finite(coords: Tensor) -> bool:
+    entry = _FINITE.get(id(coords))
+    return entry is not None and entry[0]() is coords and entry[1] == coords._version
+
+
+def _remember_finite(coords: Tensor) -> None:
+    key = id(coords)
+    _FINITE[key] = (weakref.ref(coords, lambda _: _FINITE.pop(key, None)), coords._version)
