@@ -31,17 +31,12 @@ def pair_generators(freqs: Tensor) -> Tensor:
 
 
 def basis_rotations(basis: Tensor, angles: Tensor, head_dim: int) -> Rotations:
-    """Dense rotations ``Q blockdiag(rot(angles_j)) Q^T`` as ``Rotations`` with one ``r x r`` block.
+    """Rotations ``Q blockdiag(rot(angles_j)) Q^T`` kept factored (``Rotations`` with a ``basis``).
 
-    ``basis`` ``Q``: orthogonal ``(depth, H, r, r)``; ``angles``: ``(depth, S, H, n, r // 2)``. For odd ``r``
-    Cost: building ``r^3`` per position (one matmul), applying ``r^2``.
+    ``basis`` ``Q``: orthogonal ``(depth, H, r, r)``; ``angles``: ``(depth, S, H, n, r // 2)``. Applying costs
+    two ``r x r`` matvecs and the elementwise pair rotation per position; nothing ``r^2`` is built per position.
     """
-    Q = basis[:, None, :, None]  # (depth, 1, H, 1, r, r)
-    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # (depth, S, H, n, 1, pairs)
-    q0, q1 = Q.unflatten(-1, (-1, 2)).unbind(-1)
-    # rows of Q blockdiag(rot): each row's feature pair (q0, q1) rotated by -angle
-    rotated = torch.stack([q0 * cos + q1 * sin, q1 * cos - q0 * sin], dim=-1).flatten(-2)
-    return Rotations(head_dim, blocks=(rotated @ Q.transpose(-1, -2)).unsqueeze(-3))
+    return Rotations(head_dim, cos=angles.cos(), sin=angles.sin(), basis=basis.unsqueeze(1))
 
 
 class RoPEBasis(LearnedEncoding):

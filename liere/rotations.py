@@ -18,6 +18,9 @@ class Rotations:
 
     - pairs (block size 2): ``cos``, ``sin`` of shape ``(depth, S, H, n, rot_dim // 2)``, applied
       elementwise to the interleaved feature pairs ``(2j, 2j+1)`` exactly as rotary-embedding-torch does;
+    - pairs in a basis: the same ``cos``, ``sin`` plus an orthogonal ``basis`` ``Q`` of shape
+      ``(depth, S, H, rot_dim, rot_dim)`` shared by all positions: ``R(p) = Q rot(p) Q^T``, applied as two small
+      matmuls around the elementwise rotation (commuting encodings: STRING, RoPE in a learned basis);
     - blocks (block size ``b >= 3``): ``blocks`` of shape ``(depth, S, H, n, rot_dim // b, b, b)``, applied
       with one batched matmul in which the batch dimension rides along the matrix columns;
     - identity (additive or no encoding): nothing stored.
@@ -33,6 +36,7 @@ class Rotations:
         cos: Tensor | None = None,
         sin: Tensor | None = None,
         blocks: Tensor | None = None,
+        basis: Tensor | None = None,
         shape: tuple[int, int, int, int] | None = None,
     ) -> None:
         if blocks is not None:
@@ -51,11 +55,13 @@ class Rotations:
             rot_dim, lead = 0, tuple(shape)
         else:
             raise ValueError("Rotations: give cos and sin, or blocks, or (for the identity) shape")
+        if basis is not None and (cos is None or basis.dim() != 5 or basis.shape[-2:] != (rot_dim, rot_dim)):
+            raise ValueError(f"basis must be (depth, S, H, {rot_dim}, {rot_dim}) beside cos/sin, got {basis.shape}")
         if rot_dim > head_dim:
             raise ValueError(f"rotations cover {rot_dim} features but head_dim={head_dim}")
         self.head_dim = head_dim
         self.rot_dim = rot_dim
-        self.cos, self.sin, self.blocks = cos, sin, blocks
+        self.cos, self.sin, self.blocks, self.basis = cos, sin, blocks, basis
         self._lead: tuple[int, int, int, int] = lead  # (depth, S, H, n)
 
     # ----------------------------------------------------------------- construction
@@ -68,14 +74,15 @@ class Rotations:
         """Same kind of rotations with new stored tensors (not for the identity)."""
         if self.blocks is not None:
             return Rotations(self.head_dim, blocks=tensors["blocks"])
-        return Rotations(self.head_dim, cos=tensors["cos"], sin=tensors["sin"])
+        return Rotations(self.head_dim, cos=tensors["cos"], sin=tensors["sin"], basis=tensors.get("basis"))
 
     def _map(self, fn: Any) -> Rotations:
         """Apply ``fn`` to every stored tensor (same shape kind out)."""
         if self.blocks is not None:
             return self._replace(blocks=fn(self.blocks))
         if self.cos is not None:
-            return self._replace(cos=fn(self.cos), sin=fn(self.sin))
+            basis = None if self.basis is None else fn(self.basis)
+            return self._replace(cos=fn(self.cos), sin=fn(self.sin), basis=basis)
         return self
 
     # ----------------------------------------------------------------- properties
@@ -89,9 +96,11 @@ class Rotations:
 
     @property
     def block_size(self) -> int:
-        """2 for pairs, ``b`` for blocks, 0 for the identity."""
+        """2 for pairs, ``b`` for blocks, ``rot_dim`` for pairs in a (dense) basis, 0 for the identity."""
         if self.blocks is not None:
             return self.blocks.shape[-1]
+        if self.basis is not None:
+            return self.rot_dim
         return 2 if self.cos is not None else 0
 
     @property
@@ -134,7 +143,7 @@ class Rotations:
         if self.blocks is not None:
             return self._replace(blocks=self.blocks.transpose(-1, -2))
         if self.cos is not None:
-            return self._replace(cos=self.cos, sin=-self.sin)
+            return self._replace(cos=self.cos, sin=-self.sin, basis=self.basis)
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> Rotations:
@@ -163,7 +172,7 @@ class Rotations:
         one, zero = torch.ones(()), torch.zeros(())
         if self.blocks is not None:
             return self._replace(blocks=pad(self.blocks, torch.eye(self.block_size)))
-        return self._replace(cos=pad(self.cos, one), sin=pad(self.sin, zero))
+        return self._replace(cos=pad(self.cos, one), sin=pad(self.sin, zero), basis=self.basis)
 
     def to_dense(self) -> Tensor:
         """Full matrices, shape ``(depth, S, H, n, head_dim, head_dim)`` (for tests and plots)."""
@@ -174,6 +183,9 @@ class Rotations:
         else:
             eye = torch.eye(self.head_dim)
             return eye.expand(*self._lead, self.head_dim, self.head_dim).clone()
+        if self.basis is not None:  # one dense block Q rot(p) Q^T
+            Q = self.basis.unsqueeze(3)  # (depth, S, H, 1, r, r)
+            blocks = (Q @ block_diag(blocks, self.rot_dim, fill_identity=True) @ Q.transpose(-1, -2)).unsqueeze(-3)
         return block_diag(blocks, self.head_dim, fill_identity=True)
 
     # ----------------------------------------------------------------- application
@@ -215,8 +227,12 @@ class Rotations:
 
     def _apply_pairs(self, x: Tensor) -> Tensor:
         cos, sin = self.cos[0], self.sin[0]  # (S, H, n, pairs): broadcast over (batch, heads, n, pairs)
+        if self.basis is not None:  # rows: x Q = (Q^T x)^T, then rotate pairs, then back with Q^T
+            Q = self.basis[0].to(torch.promote_types(x.dtype, self.basis.dtype))  # (S, H, r, r)
+            x = x.to(Q.dtype) @ Q
         x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+        return out if self.basis is None else out @ Q.transpose(-1, -2)
 
     def _apply_blocks(self, x: Tensor) -> Tensor:
         mats = self.blocks[0]  # (S, H, n, nb, b, b)

@@ -27,6 +27,10 @@ def rotary_encodings(num_axes: int) -> list[liere.PositionEncoding]:
         LieRE(24, num_axes, num_heads=1, block_size=24, init="normal", init_std=0.1, seed=2),
         LieRE(24, num_axes, num_heads=3, block_size=8, rot_dim=16, seed=3),
     ]
+    basis = liere.build("string-cayley", head_dim=24, num_axes=num_axes, num_heads=3, depth=2, rot_dim=20)
+    with torch.no_grad():
+        basis.skew.normal_()  # a non-trivial learned basis: rotations kept as Q rot(p) Q^T
+    encodings.append(basis)
     if num_axes == 1:
         encodings.append(RoPE(24))
     if 24 % (2 * num_axes) == 0:
