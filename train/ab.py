@@ -4,12 +4,13 @@
     python -m train.ab --task austen --preset gpu --seeds 0,1,2
     torchrun --nproc_per_node=8 -m train.ab --task cifar100 --preset paper --out runs/c100
 
-Prints a markdown table (encoding, parameters, final test metric as mean ± std over seeds, step time and
-its ratio to the first encoding) and writes into the run folder: ``results.md`` (the table),
-``results.json`` (configs, per-seed metrics, data source, device, versions, wall time and, per run, the
-relative paths of its folder, checkpoint and metrics log plus the model spec that rebuilds it:
-``train.checkpoint.load_model(folder / run["checkpoint"])``), ``curves.png``, ``final.png`` and one
-sub-folder per (encoding, seed) run.
+Prints a markdown table (encoding, parameters, final test metric as mean [95% bootstrap CI] over seeds,
+Δ and paired p-values against a reference encoding, step time and its ratio to the first encoding) and
+writes into the run folder: ``results.md`` (the table), ``results.json`` (configs, per-seed metrics, data
+source, device, versions, wall time and, per run, the relative paths of its folder, checkpoint and metrics
+log plus the model spec that rebuilds it: ``train.checkpoint.load_model(folder / run["checkpoint"])``),
+``report.md`` (``train.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
+(encoding, seed[, fraction]) run holding ``evaluation.json`` / ``test_correct.pt`` (``train.evaluate``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpoint, plots
+from train import checkpoint, evaluate, plots, report
 from train.loop import init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
 from train.tasks import Task, load_task, with_encoding
@@ -53,9 +53,10 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_name(encoding: str, seed: int) -> str:
-    """Folder name of one run, e.g. ``liere64_init=uniform-s0``."""
-    return f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', encoding)}-s{seed}"
+def run_name(encoding: str, seed: int, fraction: float = 1.0) -> str:
+    """Folder name of one run, e.g. ``liere64_init=uniform-s0`` (``liere8-f0.1-s0`` on 10% of the data)."""
+    part = "" if fraction == 1.0 else f"-f{fraction:g}"
+    return f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', encoding)}{part}-s{seed}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,6 +91,21 @@ def parser() -> argparse.ArgumentParser:
         help="reuse the run folder (--out, else the newest runs/ab-<task>-*): skip finished runs,\n"
         "continue interrupted ones from their checkpoints",
     )
+    p.add_argument(
+        "--evaluate",
+        default="default",
+        help="evaluations after each run: shuffle, extrapolate (vision), length (text), or 'none'.\n"
+        "Default: shuffle,extrapolate for vision, length for text (see train.evaluate)",
+    )
+    p.add_argument("--extrapolate", default="1.0,1.5,2.0", help="image scale factors to test (default: 1.0,1.5,2.0)")
+    p.add_argument("--lengths", default="1,2,4", help="text: context multiples to test (default: 1,2,4)")
+    p.add_argument(
+        "--data-fractions",
+        default="1.0",
+        help="train every encoding on these fractions of the training set, e.g. 0.1,0.3,1.0 (seeded,\n"
+        "nested subsets, the same for every encoding); the main table uses the largest (default: 1.0)",
+    )
+    p.add_argument("--reference", help="encoding the paired tests compare against (default: the best by mean)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -130,43 +146,6 @@ def _finished(run_dir: Path, config_hash: str) -> dict[str, Any] | None:
     return summary if summary is not None and summary["config_hash"] == config_hash else None
 
 
-def summarize(runs: Sequence[dict[str, Any]], encodings: Sequence[str]) -> list[dict[str, Any]]:
-    """Per encoding: params, test/val metric mean and std over seeds, step time and its ratio to the first."""
-    rows = []
-    for encoding in encodings:
-        mine = [r for r in runs if r["encoding"] == encoding]
-        test = [r["test"][r["metric"]] for r in mine]
-        val = [r["val"][r["metric"]] for r in mine]
-        rows.append({
-            "encoding": encoding, "params": mine[0]["params"], "seeds": len(mine),
-            "mean": statistics.fmean(test), "std": statistics.stdev(test) if len(test) > 1 else 0.0,
-            "val_mean": statistics.fmean(val), "step_time_ms": statistics.fmean(r["step_time_ms"] for r in mine),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in mine),
-        })  # fmt: skip
-    for row in rows:
-        row["step_time_ratio"] = row["step_time_ms"] / rows[0]["step_time_ms"]
-    return rows
-
-
-def table(rows: Sequence[dict[str, Any]], metric: str, memory_kind: str) -> str:
-    """Markdown table of ``summarize`` rows (accuracy in percent)."""
-    scale, unit = (100, " (%)") if metric == "accuracy" else (1, "")
-    digits = 1 if metric == "accuracy" else 3
-    memory = "peak GPU MiB" if memory_kind == "cuda_allocated" else "process peak RSS MiB"
-    lines = [
-        f"| encoding | params | test {metric}{unit} | val {metric}{unit} | step ms | x first | {memory} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        spread = f" ± {scale * r['std']:.{digits}f}" if r["seeds"] > 1 else ""
-        lines.append(
-            f"| {r['encoding']} | {r['params']:,} | {scale * r['mean']:.{digits}f}{spread} | "
-            f"{scale * r['val_mean']:.{digits}f} | {r['step_time_ms']:.1f} | {r['step_time_ratio']:.2f} | "
-            f"{r['peak_memory_mb']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the A/B comparison described by ``argv`` (see ``--help``); return the results.json content."""
     args = parser().parse_args(argv)
@@ -177,52 +156,67 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = [run_name(e, 0) for e in encodings]
     if not encodings or len(set(names)) != len(names):
         raise ValueError(f"--encodings: give distinct specs (folder names must differ), got {args.encodings!r}")
+    evaluations = evaluate.parse_evaluations(args.evaluate, args.task)
+    factors = evaluate.parse_list(args.extrapolate, "--extrapolate")
+    multiples = evaluate.parse_list(args.lengths, "--lengths", int)
+    fractions = sorted(set(evaluate.parse_list(args.data_fractions, "--data-fractions")))
+    if fractions[-1] > 1:
+        raise ValueError(f"--data-fractions: fractions must be in (0, 1], got {args.data_fractions!r}")
+    if args.reference is not None and args.reference not in encodings:
+        raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
     base = preset_config(args.preset, args.task, encoding=encodings[0], device=args.device, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, compile=args.compile or None)  # fmt: skip
     rank, world = init_distributed(resolve_device(args.device))
     out = Path(_shared(str(_run_folder(args))))
-    configs = {(e, s): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s})) for e in encodings for s in seeds}
+    configs = {(e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
+               for f in fractions for e in encodings for s in seeds}  # fmt: skip
     task = load_task(base)
-    check_encodings(task, [configs[e, seeds[0]] for e in encodings])
+    check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:
         print(f"data: {task.source}\nrun folder: {out}", flush=True)
 
     runs = []
-    for (encoding, seed), config in configs.items():
-        run_dir = out / run_name(encoding, seed)
+    for (encoding, seed, fraction), config in configs.items():
+        run_dir = out / run_name(encoding, seed, fraction)
         run_task = with_encoding(task, config)
         done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
         summary = done or train(config, run_dir, task=run_task, resume=args.resume, quiet=args.quiet)
         runs.append({
-            "encoding": encoding, "seed": seed, "run_dir": run_dir.name,
+            "encoding": encoding, "seed": seed, "fraction": fraction, "run_dir": run_dir.name,
             "checkpoint": f"{run_dir.name}/last.pt", "metrics_log": f"{run_dir.name}/metrics.jsonl", **summary,
         })  # fmt: skip
-        if rank == 0:
-            metric = summary["test"][summary["metric"]]
-            print(f"[ab] {encoding} seed {seed}: test {summary['metric']} {metric:.4f}", flush=True)
+        if rank != 0:
+            continue
+        metric = summary["test"][summary["metric"]]
+        print(f"[ab] {encoding} seed {seed} fraction {fraction:g}: test {summary['metric']} {metric:.4f}", flush=True)
+        fresh = done is None or not (run_dir / report.EVALUATION_FILE).is_file()
+        if fraction == fractions[-1] and fresh:
+            model = checkpoint.load_model(run_dir / checkpoint.LAST)
+            evaluate.evaluate_run(model, run_task, run_dir, evaluations, factors, multiples, summary["device"])
 
     metric = runs[0]["metric"]
-    rows = summarize(runs, encodings)
     results = {
-        "task": args.task, "preset": args.preset, "encodings": encodings, "seeds": seeds, "metric": metric,
+        "task": args.task, "preset": args.preset, "encodings": encodings, "seeds": seeds, "fractions": fractions,
+        "evaluations": evaluations, "metric": metric,
         "higher_is_better": runs[0]["higher_is_better"], "data_source": task.source, "device": runs[0]["device"],
         "world_size": runs[0]["world_size"], "torch_version": torch.__version__, "base_config": base.to_dict(),
-        "runs": runs, "summary": rows, "table": table(rows, metric, runs[0]["peak_memory_kind"]),
-        "wall_time_s": time.perf_counter() - wall_start,
+        "runs": runs, "wall_time_s": time.perf_counter() - wall_start,
     }  # fmt: skip
     if rank == 0:
-        _write(out, results)
+        rows = report.summarize(results, out, args.reference)
+        results |= {"summary": rows, "table": report.main_table(rows, metric, runs[0]["peak_memory_kind"])}
+        _write(out, results, args.reference)
     return results
 
 
-def _write(out: Path, results: dict[str, Any]) -> None:
-    """results.json, results.md and the plots; prints the table and the wall time."""
+def _write(out: Path, results: dict[str, Any], reference: str | None) -> None:
+    """results.json, results.md, report.md and the plots; prints the table and the wall time."""
     metric = results["metric"]
-    paths = [{**r, "metrics_log": out / r["metrics_log"]} for r in results["runs"]]
+    paths = [{**r, "metrics_log": out / r["metrics_log"]} for r in report.main_runs(results)]
     plots.learning_curves(paths, metric, out / "curves.png")
-    plots.final_metric_bars(results["summary"], metric, "test", out / "final.png")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results["table"] + "\n")
+    report.write_report(out, reference)
     print(f"\n{results['table']}\n\ndata: {results['data_source']}\ndevice: {results['device']}, "
           f"wall time {results['wall_time_s']:.0f} s\nwritten to {out}", flush=True)  # fmt: skip
 

@@ -1,8 +1,9 @@
 """PNG plots of A/B runs (matplotlib's object API on the Agg canvas: no display, no pyplot state).
 
 ``learning_curves``: train loss and validation metric against step, one colour per encoding (the mean
-over seeds as a line, single seeds faint). ``final_metric_bars``: the final metric per encoding with
-error bars (standard deviation over seeds).
+over seeds as a line, single seeds faint). ``ci_bars``: grouped bars with 95% bootstrap CI error bars
+(final metric per encoding; patch shuffle). ``ci_lines``: a metric against a numeric axis (scale factor,
+context multiple, data fraction), one line per series with CI error bars.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+
+from train.stats import Interval
 
 METRIC_LABELS = {"accuracy": "accuracy", "bpc": "bits per character"}
 
@@ -54,15 +57,42 @@ def learning_curves(runs: Sequence[dict[str, Any]], metric: str, path: str | Pat
     return Path(path)
 
 
-def final_metric_bars(rows: Sequence[dict[str, Any]], metric: str, split: str, path: str | Path) -> Path:
-    """Bar per encoding of ``rows`` items' ``mean`` with ``std`` error bars (``metric`` on ``split``)."""
-    fig = Figure(figsize=(1.2 * len(rows) + 2.5, 4), layout="constrained")
+def _yerr(intervals: Sequence[Interval]) -> np.ndarray:
+    """``(2, n)`` distances from the means down to ``low`` and up to ``high`` (matplotlib's asymmetric yerr)."""
+    return np.array([[i.mean - i.low for i in intervals], [i.high - i.mean for i in intervals]])
+
+
+def ci_bars(labels: Sequence[str], groups: dict[str, Sequence[Interval]], ylabel: str, title: str,
+            path: str | Path) -> Path:  # fmt: skip
+    """Bars per label, one bar per group (``groups[name][i]`` belongs to ``labels[i]``), CI error bars."""
+    fig = Figure(figsize=(1.2 * len(labels) * max(1, len(groups) / 1.5) + 2.5, 4), layout="constrained")
     ax = fig.subplots()
-    x = np.arange(len(rows))
-    ax.bar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color=_colors(len(rows)))
-    ax.set_xticks(x, [r["encoding"] for r in rows], rotation=20, ha="right")
-    ax.set(ylabel=f"{split} {METRIC_LABELS.get(metric, metric)}", title=f"final {split} {metric} (± std over seeds)")
+    x, width = np.arange(len(labels)), 0.8 / len(groups)
+    one = len(groups) == 1
+    for k, (color, (name, intervals)) in enumerate(zip(_colors(len(groups)), groups.items(), strict=True)):
+        colors = _colors(len(labels)) if one else color
+        ax.bar(x + (k - (len(groups) - 1) / 2) * width, [i.mean for i in intervals], width, yerr=_yerr(intervals),
+               capsize=3, color=colors, label=name)  # fmt: skip
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    if not one:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def ci_lines(series: dict[str, tuple[Sequence[float], Sequence[Interval]]], xlabel: str, ylabel: str, title: str,
+             path: str | Path) -> Path:  # fmt: skip
+    """One line per ``series[name] = (xs, intervals)`` with CI error bars; dashed when the name has "stretch"."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for color, (name, (xs, intervals)) in zip(_colors(len(series)), series.items(), strict=True):
+        ax.errorbar(xs, [i.mean for i in intervals], yerr=_yerr(intervals), color=color, marker="o", capsize=3,
+                    linestyle="--" if "stretch" in name else "-", label=name)  # fmt: skip
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
     return Path(path)
 

@@ -25,6 +25,7 @@ class RunConfig:
     ``CharLM``) besides the data-derived shapes and ``encoding`` (for text they include ``context``).
     ``eval_samples`` caps evaluation at that many images (or tokens for text). Image tasks without a
     ``patch_size`` in ``model_options`` get the smallest patch giving at most ``max_grid`` patches per axis.
+    ``train_fraction`` < 1 trains on a seeded subset of the training split (``train.tasks.train_subset``).
     """
 
     task: str = "arrow"
@@ -47,12 +48,15 @@ class RunConfig:
     device: str = "auto"
     compile: bool = False
     max_grid: int = 8
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_samples", "ckpt_every", "log_every", "max_grid"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -65,8 +69,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def trajectory(self) -> dict[str, Any]:
-        """The fields that determine the training trajectory (hashed to check a resumed run is the same run)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The fields that determine the training trajectory (hashed to check a resumed run is the same run).
+
+        ``train_fraction`` is left out at its default 1.0, so runs from before it existed still resume.
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        if self.train_fraction == 1.0:
+            del fields["train_fraction"]
+        return fields
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,15 @@ class SeededOrder:
         return [int(self._permutation(p // self.n)[p % self.n]) for p in positions]
 
 
+def train_subset(n: int, fraction: float, seed: int) -> Tensor:
+    """Indices of the first ``max(1, round(fraction * n))`` items of a permutation fixed by ``seed``.
+
+    Depends only on ``(n, seed)`` and the fraction, so every encoding sees the same subset and smaller
+    fractions are nested in larger ones.
+    """
+    return torch.randperm(n, generator=_generator(seed, n))[: max(1, round(fraction * n))]
+
+
 class _StepBatches:
     """Batch sampler yielding ``SeededOrder`` index lists for steps ``start, start + 1, ..., stop - 1``."""
 
@@ -122,10 +131,12 @@ class ImageTask(Task):
     """Classification of images ``(C, H, W)`` or clips ``(C, T, H, W)`` with ``models.vit.ViT``."""
 
     def batches(self, start: int, rank: int = 0, world_size: int = 1, workers: int = 0) -> Iterator[tuple]:
-        cfg = self.config
-        order = SeededOrder(len(self.splits.train), cfg.seed)
+        cfg, dataset = self.config, self.splits.train
+        if cfg.train_fraction < 1:
+            dataset = torch.utils.data.Subset(dataset, train_subset(len(dataset), cfg.train_fraction, cfg.data_seed))
+        order = SeededOrder(len(dataset), cfg.seed)
         sampler = _StepBatches(order, start, cfg.steps, per_rank(cfg.batch_size, world_size), rank, world_size)
-        return iter(DataLoader(self.splits.train, batch_sampler=sampler, num_workers=workers))
+        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
 
     @torch.no_grad()
     def eval_stats(self, model: nn.Module, split: str, device: torch.device, rank: int, world: int) -> Tensor:
@@ -142,7 +153,10 @@ class ImageTask(Task):
 
 
 class TextTask(Task):
-    """Next-character prediction with ``models.lm.CharLM``; the metric is bits per character (lower is better)."""
+    """Next-character prediction with ``models.lm.CharLM``; the metric is bits per character (lower is better).
+
+    With ``train_fraction`` < 1 it trains on that leading share of the training text (nested across fractions).
+    """
 
     metric = "bpc"
     higher_is_better = False
@@ -150,8 +164,9 @@ class TextTask(Task):
     def batches(self, start: int, rank: int = 0, world_size: int = 1, workers: int = 0) -> Iterator[tuple]:
         cfg, context = self.config, self.model_spec["kwargs"]["context"]
         size = per_rank(cfg.batch_size, world_size)
+        tokens = self.splits.train[: max(context + 1, round(cfg.train_fraction * len(self.splits.train)))]
         for step in range(start, cfg.steps):
-            yield data_module.char_batches(self.splits.train, context, size, _generator(cfg.seed, step, rank))
+            yield data_module.char_batches(tokens, context, size, _generator(cfg.seed, step, rank))
 
     @torch.no_grad()
     def eval_stats(self, model: nn.Module, split: str, device: torch.device, rank: int, world: int) -> Tensor:

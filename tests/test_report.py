@@ -1,0 +1,72 @@
+"""train.report: report.md from an A/B folder (CIs, paired tests, evaluations, fractions, plots); train.evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import ab, evaluate, report
+
+ARGS = ["--preset", "smoke", "--seeds", "0,1", "--quiet"]
+
+
+def linked_pngs(text: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ab") / "digits"
+    ab.main([*ARGS, "--task", "digits", "--encodings", "none,liere8", "--data-fractions", "0.5,1", "--out", str(out)])
+    return out
+
+
+def test_report_has_tables_paired_tests_and_existing_plots(vision_run):
+    text = (vision_run / "report.md").read_text()
+    for needle in ("Δ vs ref", "p (seeds)", "p (McNemar)", "[95% CI]", "## Patch-shuffle diagnostic",
+                   "## Resolution extrapolation: resized test images", "## Data-fraction ablation",
+                   "preset `smoke`", "sklearn:load_digits"):  # fmt: skip
+        assert needle in text, needle
+    links = linked_pngs(text)
+    assert {"final.png", "curves.png", "shuffle.png", "extrapolate_resize.png", "fractions.png"} <= set(links)
+    assert all((vision_run / link).stat().st_size > 0 for link in links)
+    results = json.loads((vision_run / "results.json").read_text())
+    assert results["fractions"] == [0.5, 1.0] and len(results["runs"]) == 8
+    for row in results["summary"]:
+        assert row["seeds"] == [0, 1] and len(row["values"]) == 2 and row["low"] <= row["mean"] <= row["high"]
+        if row["encoding"] != row["reference"]:
+            assert 0 < row["p_seeds"] <= 1 and 0 < row["p_mcnemar"] <= 1
+    ref = max(results["summary"], key=lambda r: r["mean"])["encoding"]
+    assert all(r["reference"] == ref for r in results["summary"])  # default reference: best by mean
+    correct = torch.load(vision_run / "liere8-s0" / report.CORRECT_FILE, weights_only=True)
+    run = next(r for r in results["runs"] if r["run_dir"] == "liere8-s0")
+    assert correct.dtype == torch.bool and correct.float().mean().item() == pytest.approx(run["test"]["accuracy"])
+    assert not (vision_run / "liere8-f0.5-s0" / report.EVALUATION_FILE).exists()  # evaluations: main fraction only
+
+
+def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):
+    for run in ("none-s0", "none-s1", "liere8-s0", "liere8-s1"):
+        (vision_run / run / report.EVALUATION_FILE).unlink()
+    evaluate.main([str(vision_run), "--evaluate", "shuffle", "--reference", "none"])
+    saved = json.loads((vision_run / "none-s1" / report.EVALUATION_FILE).read_text())
+    assert set(saved) == {"shuffle"} and saved["shuffle"]["drop"] == 0  # no positions: shuffling changes nothing
+    text = (vision_run / "report.md").read_text()
+    assert re.search(r"^\| none \| [^\n]* \| ref \|", text, re.M)  # the chosen reference row
+    assert "## Patch-shuffle" in text and "Resolution extrapolation" not in text
+    with pytest.raises(ValueError, match="--reference"):
+        report.write_report(vision_run, "rope")
+
+
+def test_text_run_reports_length_extrapolation(tmp_path):
+    out = tmp_path / "lm"
+    ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "rope,liere8", "--steps", "10", "--out",
+             str(out)])  # fmt: skip
+    text = (out / "report.md").read_text()
+    assert "## Length extrapolation" in text and "4x (128 tokens)" in text and "p (McNemar)" in text
+    assert all((out / link).is_file() for link in linked_pngs(text)) and "length.png" in linked_pngs(text)
+    records = json.loads((out / "rope-s0" / report.EVALUATION_FILE).read_text())["length"]
+    assert [r["multiple"] for r in records] == [1, 2, 4]
