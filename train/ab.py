@@ -181,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_task = with_encoding(task, config)
         done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
         summary = done or train(config, run_dir, task=run_task, resume=args.resume, quiet=args.quiet)
-        runs.append({
-            "encoding": encoding, "seed": seed, "fraction": fraction, "run_dir": run_dir.name,
-            "checkpoint": f"{run_dir.name}/last.pt", "metrics_log": f"{run_dir.name}/metrics.jsonl", **summary,
+        runs.append({  # relative paths (summary.json's checkpoint path is the one it was trained under)
+            **summary, "encoding": encoding, "seed": seed, "fraction": fraction, "run_dir": run_dir.name,
+            "checkpoint": f"{run_dir.name}/last.pt", "metrics_log": f"{run_dir.name}/metrics.jsonl",
         })  # fmt: skip
         if rank != 0:
             continue

@@ -279,7 +279,7 @@ def _checkpoints(path: Path) -> tuple[list[Path], Path | None]:
         return [path], None
     if (path / "results.json").is_file():
         results = json.loads((path / "results.json").read_text())
-        return [path / r["checkpoint"] for r in report.main_runs(results)], path
+        return [path / r["run_dir"] / checkpoint.LAST for r in report.main_runs(results)], path
     found = checkpoint.find(path)
     if found is None:
         raise ValueError(f"path {path}: not a checkpoint, a run folder with last.pt or an A/B folder with results.json")

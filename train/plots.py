@@ -84,10 +84,16 @@ def ci_bars(labels: Sequence[str], groups: dict[str, Sequence[Interval]], ylabel
 
 def ci_lines(series: dict[str, tuple[Sequence[float], Sequence[Interval]]], xlabel: str, ylabel: str, title: str,
              path: str | Path) -> Path:  # fmt: skip
-    """One line per ``series[name] = (xs, intervals)`` with CI error bars; dashed when the name has "stretch"."""
+    """One line per ``series[name] = (xs, intervals)`` with CI error bars.
+
+    Names ``"encoding (mode)"`` share the encoding's colour; ``stretch`` lines are dashed.
+    """
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
-    for color, (name, (xs, intervals)) in zip(_colors(len(series)), series.items(), strict=True):
+    groups = list(dict.fromkeys(name.split(" (")[0] for name in series))
+    colors = dict(zip(groups, _colors(len(groups)), strict=True))
+    for name, (xs, intervals) in series.items():
+        color = colors[name.split(" (")[0]]
         ax.errorbar(xs, [i.mean for i in intervals], yerr=_yerr(intervals), color=color, marker="o", capsize=3,
                     linestyle="--" if "stretch" in name else "-", label=name)  # fmt: skip
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

@@ -177,7 +177,7 @@ def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -
         shape = {r["factor"]: ("x".join(map(str, r["size"])) + ("*" if r["rounded"] else "")) for r in sample}
         grid = {r["factor"]: "x".join(map(str, r["grid"])) for r in sample}
         cis = _grouped(records, lambda r: (r["mode"], r["factor"]), "accuracy")
-        header = " | ".join(f"{f:g}x: {shape[f]} px, grid {grid[f]}" for f in factors)
+        header = " | ".join(f"{f:g}x: {shape[f]}, grid {grid[f]}" for f in factors)
         lines = [f"| encoding | coords | {header} |", "|---|---|" + "---:|" * len(factors)]
         series = {}
         for encoding, by_key in cis.items():
@@ -271,7 +271,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
         f"- seeds: {seeds}, wall time {results['wall_time_s']:.0f} s",
         "## Main result",
         f"Test {metric}{unit}: mean [95% bootstrap CI] over {len(seeds)} seed(s). Paired tests against the reference "
-        f"`{rows[0]['reference']}`: sign-flip over seeds (with {len(seeds)} seeds the smallest possible p is "
+        f"`{rows[0]['reference']}`: sign-flip over seeds (with {len(seeds)} seed(s) the smallest possible p is "
         f"{2 / 2 ** len(seeds):.3g})"
         + ("; McNemar over the pooled test examples of those seeds." if metric == "accuracy" else "."),
         main_table(rows, metric, results["runs"][0]["peak_memory_kind"]),
