@@ -2,6 +2,7 @@
 
     python -m train.ab                                   # arrow task, 6 encodings, cpu preset (~10 min on 2 cores)
     python -m train.ab --task austen --preset gpu --seeds 0,1,2
+    python -m train.ab --seeds 0-2 --data-fractions 0.1,0.3,1.0 --reference rope-mixed
     torchrun --nproc_per_node=8 -m train.ab --task cifar100 --preset paper --out runs/c100
 
 Prints a markdown table (encoding, parameters, final test metric as mean [95% bootstrap CI] over seeds,
@@ -83,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the preset's optimizer steps")
     p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument(
+        "--eval-samples", type=int, help="override the preset's val/test examples (tokens for text) per evaluation"
+    )
     p.add_argument("--out", help="run folder (default: runs/ab-<task>-<timestamp>)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument(
@@ -165,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.reference is not None and args.reference not in encodings:
         raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
     base = preset_config(args.preset, args.task, encoding=encodings[0], device=args.device, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, compile=args.compile or None)  # fmt: skip
+                         batch_size=args.batch_size, lr=args.lr, compile=args.compile or None,
+                         eval_samples=args.eval_samples)  # fmt: skip
     rank, world = init_distributed(resolve_device(args.device))
     out = Path(_shared(str(_run_folder(args))))
     configs = {(e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
