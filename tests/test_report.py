@@ -11,7 +11,7 @@ import torch
 
 from train import ab, evaluate, report
 
-ARGS = ["--preset", "smoke", "--seeds", "0,1", "--quiet"]
+ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet"]
 
 
 def linked_pngs(text: str) -> list[str]:
@@ -63,7 +63,7 @@ def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):
 
 def test_text_run_reports_length_extrapolation(tmp_path):
     out = tmp_path / "lm"
-    ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "rope,liere8", "--steps", "10", "--out",
+    ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "rope,liere8", "--out",
              str(out)])  # fmt: skip
     text = (out / "report.md").read_text()
     assert "## Length extrapolation" in text and "4x (128 tokens)" in text and "p (McNemar)" in text
