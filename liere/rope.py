@@ -71,11 +71,16 @@ class AxialRoPE(PositionEncoding):
     """Axial RoPE for 2D/3D grids (rope-vit's ``compute_axial_cis``, VisionLlama-style).
 
     The rotated pairs are split into ``num_axes`` contiguous groups; group ``a`` rotates by
-    ``p_a * theta ** (-2 * num_axes * j / rot_dim)``. No parameters.
+    ``p_a * theta ** (-2 * num_axes * j / rot_dim)``. ``rot_dim`` defaults to the largest multiple of
+    ``2 num_axes`` <= ``head_dim`` (e.g. 60 of 64 features for 3 axes; the rest pass through). No parameters.
     """
 
     def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
         super().__init__(head_dim, num_axes)
+        if rot_dim is None:
+            rot_dim = head_dim - head_dim % (2 * num_axes)
+            if rot_dim == 0:
+                raise ValueError(f"head_dim={head_dim} is too small: each of the {num_axes} axes needs a feature pair")
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2 * num_axes, f"each of the {num_axes} axes rotates pairs")
         self.theta = float(theta)
         freqs = rope_frequencies(self.rot_dim, self.theta, step=2 * num_axes)  # (pairs per axis,)

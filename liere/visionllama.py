@@ -8,7 +8,6 @@ import math
 import torch
 from torch import Tensor
 
-from liere.encoding import check_positive_int
 from liere.rope import AxialRoPE
 from liere.rotations import Rotations
 
@@ -32,14 +31,8 @@ class VisionLlamaRoPE(AxialRoPE):
     def __init__(
         self, head_dim: int, num_axes: int = 2, coord_convention: str = "index", rot_dim: int | None = None
     ) -> None:
-        check_positive_int(head_dim, "head_dim")
-        check_positive_int(num_axes, "num_axes")
         if coord_convention not in COORD_CONVENTIONS:
             raise ValueError(f"coord_convention must be one of {COORD_CONVENTIONS}, got {coord_convention!r}")
-        if rot_dim is None:
-            rot_dim = head_dim - head_dim % (2 * num_axes)
-            if rot_dim == 0:
-                raise ValueError(f"head_dim={head_dim} is too small: each of the {num_axes} axes needs a feature pair")
         super().__init__(head_dim, num_axes, theta=math.exp(4), rot_dim=rot_dim)
         self.coord_convention = coord_convention
         self.freqs = torch.exp(-4 * torch.linspace(0, 1, self.rot_dim // (2 * num_axes)))

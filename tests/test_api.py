@@ -81,7 +81,8 @@ def test_factory_keyword_options_override_spec_and_rope_is_1d() -> None:
         (lambda: LieRE(head_dim=0), ValueError, "head_dim must be a positive int"),
         (lambda: LieRE(head_dim=32, num_heads=0), ValueError, "num_heads must be a positive int"),
         (lambda: RoPE(head_dim=31), ValueError, "head_dim=31 must be divisible by 2"),
-        (lambda: liere.AxialRoPE(head_dim=30, num_axes=2), ValueError, "divisible by 4"),
+        (lambda: liere.AxialRoPE(head_dim=30, num_axes=2, rot_dim=30), ValueError, "rot_dim=30 must be divisible by 4"),
+        (lambda: liere.AxialRoPE(head_dim=2, num_axes=2), ValueError, "head_dim=2 is too small"),
         (lambda: SinCosAbsolute(dim=30, num_axes=2, head_dim=16), ValueError, "dim=30"),
         (lambda: LearnedAbsolute(dim=8, grid_shape=(4, 0), head_dim=16), ValueError, "grid_shape"),
         (lambda: grid_coords(), ValueError, "at least one grid size"),
@@ -133,6 +134,14 @@ def test_bad_queries_raise() -> None:
         rot[2]
     with pytest.raises(ValueError, match="same shape"):
         liere.rotary_attention(torch.randn(1, 3, 9, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), layer)
+
+
+def test_axial_rope_rounds_default_rot_dim_down() -> None:
+    pe = liere.AxialRoPE(head_dim=64, num_axes=3)
+    assert pe.rot_dim == 60
+    q = torch.randn(1, 1, 8, 64)
+    out = pe(grid_coords(2, 2, 2)).apply(q)
+    assert torch.equal(out[..., 60:], q[..., 60:])
 
 
 def test_grid_coords_order_and_spacing() -> None:

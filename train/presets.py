@@ -148,6 +148,8 @@ def preset_config(preset: str, task: str, **overrides: Any) -> RunConfig:
     model_options = dict(p.lm if is_text(task) else p.vit)
     if task == "arrow":
         model_options["patch_size"] = data_options["image_size"] // data_options["grid"]
+    if task == "clips3d":  # tubelets of 2 frames x 8 x 8 px: 4 x 4 x 4 = 64 tokens per cpu-size 8 x 32 x 32 clip
+        model_options["patch_size"] = (2, 16, 16) if preset == "paper" else (2, 8, 8)
     fields = dict(task=task, data_options=data_options, model_options=model_options, max_grid=p.max_grid, **p.training)
     fields |= {k: v for k, v in overrides.items() if v is not None}
     if "warmup_steps" not in overrides:  # keep the preset's warmup share when only the step budget changes
