@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, build, grid_coords, rotary_attention
+from liere.encoding import check_positive_int
 
 
 def check_heads(dim: int, heads: int) -> int:
     """Per-head width ``dim // heads``, after checking both are positive and ``heads`` divides ``dim``."""
-    for name, value in (("dim", dim), ("heads", heads)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int(dim, "dim")
+    check_positive_int(heads, "heads")
     if dim % heads:
         raise ValueError(f"dim={dim} must be divisible by heads={heads}")
     return dim // heads
@@ -76,8 +76,7 @@ class Transformer(nn.Module):
         self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, causal: bool = False
     ) -> None:
         super().__init__()
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        check_positive_int(depth, "depth")
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
 
     def forward(self, x: Tensor, rot: Rotations) -> Tensor:

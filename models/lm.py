@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liere import PositionEncoding
+from liere.encoding import check_positive_int
 from models.blocks import CoordsCache, Transformer, check_heads, init_weights, resolve_encoding
 
 LM_SIZES: dict[str, dict[str, int]] = {
@@ -44,11 +45,8 @@ class CharLM(nn.Module):
             raise ValueError(f"size must be one of {sorted(LM_SIZES)}, got {size!r}")
         overrides = dict(context=context, dim=dim, depth=depth, heads=heads)
         config = LM_SIZES[size] | {k: v for k, v in overrides.items() if v is not None}
-        for name in ("vocab_size", "context"):
-            value = vocab_size if name == "vocab_size" else config[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.vocab_size, self.context = vocab_size, config["context"]
+        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
+        self.context = check_positive_int(config["context"], "context")
         dim, depth, heads = config["dim"], config["depth"], config["heads"]
 
         self.token_embed = nn.Embedding(vocab_size, dim)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from liere.encoding import check_positive_int
+
 TEXT_TASKS = ("austen", "shakespeare", "pydoc")
 GENERATED = ("arrow", "clips3d")
 # Fields that do not change the training trajectory: left out of the config hash that guards resumption.
@@ -52,9 +54,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_samples", "ckpt_every", "log_every", "max_grid"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
         if not self.lr > 0:
