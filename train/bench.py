@@ -26,8 +26,9 @@ from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
 from models import CharLM, ViT
 
-ENCODINGS_2D = ("none", "axial-rope", "rope-mixed", "liere8", "liere64", "reference")
-ENCODINGS_1D = ("none", "rope", "rope-mixed", "liere8", "liere64", "reference")
+COLLECTION = ("string-cayley", "string-circulant", "comrope-ap", "comrope-ld")
+ENCODINGS_2D = ("none", "axial-rope", "rope-mixed", "liere8", "liere64", "reference", "visionllama", *COLLECTION)
+ENCODINGS_1D = ("none", "rope", "rope-mixed", "liere8", "liere64", "reference", "rope-basis", *COLLECTION)
 
 
 class ReferenceRotations(Rotations):
@@ -187,7 +188,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=("tiny", "real"), help="default: tiny on CPU, real on CUDA")
     parser.add_argument("--models", nargs="+", help="substrings of model names to keep (default: all)")
-    parser.add_argument("--encodings", nargs="+", help="encodings to run (default: all; the RoPE baseline is added)")
+    parser.add_argument(
+        "--encodings",
+        nargs="+",
+        help="factory specs (or 'reference') to run; default: the RoPE family, LieRE, the official-code "
+        "reference and the other collection encodings; the RoPE baseline is always added",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
     parser.add_argument("--json", help="also write all rows to this JSON file")
@@ -206,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         names = ENCODINGS_2D if setting.kind == "vit" else ENCODINGS_1D
         baseline = names[1]
-        encodings = [e for e in names if e == baseline or args.encodings is None or e in args.encodings]
+        encodings = list(names) if args.encodings is None else [baseline, *(e for e in args.encodings if e != baseline)]
         results["rows"] += bench_setting(setting, encodings, device, args.compile, args.repeats)
     print(markdown_table(results["rows"], COLUMNS) + "\n")
     if args.json:
