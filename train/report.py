@@ -100,7 +100,10 @@ def summarize(results: dict[str, Any], root: str | Path, reference: str | None =
 
 
 def _p(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3g}"
+    """A p-value for a table: 3 significant digits; one that underflowed to 0 as ``<1e-300``."""
+    if value is None:
+        return "—"
+    return "<1e-300" if value == 0 else f"{value:.3g}"
 
 
 def main_table(rows: Sequence[dict[str, Any]], metric: str, memory_kind: str) -> str:
