@@ -22,8 +22,9 @@ class CayleySTRING(RoPEBasis):
     """Cayley-STRING: RoPE-Mixed frequencies in a learned orthogonal basis ``P = cayley(S)``, per layer and head.
 
     Identical in math and parameters to ``RoPEBasis`` (which it is, with ``num_axes`` defaulting to 2):
-    ``S`` dense skew ``rot_dim x rot_dim`` (init 0, so it starts as RoPE-Mixed), ``R(p)`` a dense
-    ``rot_dim x rot_dim`` block. Use ``num_heads=1`` / ``depth=1`` to share ``P`` and the frequencies.
+    ``S`` dense skew ``rot_dim x rot_dim`` (init 0, so it starts as RoPE-Mixed), ``R(p) = P rot(p) P^T`` kept
+    factored (``Rotations`` with a basis: nothing ``rot_dim x rot_dim`` is built per position).
+    Use ``num_heads=1`` / ``depth=1`` to share ``P`` and the frequencies.
     """
 
     def __init__(
