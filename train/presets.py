@@ -92,8 +92,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
-        vit=dict(dim=32, depth=2, heads=2),
-        lm=dict(dim=32, depth=2, heads=2, context=32),
+        vit=dict(dim=64, depth=2, heads=1),  # one 64-wide head: the default encodings include liere64
+        lm=dict(dim=64, depth=2, heads=1, context=32),
         data=dict(arrow=dict(image_size=32, grid=4, num_train=256, num_val=128, num_test=128),
                   clips3d=dict(frames=4, size=16)),
         max_grid=4,
