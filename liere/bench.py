@@ -70,9 +70,10 @@ def time_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeats:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU (CPU rows are fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, bf16: bool = False) -> AbstractContextManager:
+    """bf16 autocast on CUDA, and on CPU when ``bf16``; else nothing (CPU rows are fp32 by default)."""
+    on = device.type == "cuda" or bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -278,11 +279,16 @@ def attention_steps(
         with autocast(device), torch.no_grad():
             return fn(*qkv)
 
+    with autocast(device), torch.no_grad():
+        # a dense random cotangent: `.sum().backward()` would feed a stride-0 gradient, which sends CPU
+        # bmm backward down a slow per-matrix path that real training never takes
+        cotangent = torch.randn_like(fn(*qkv))
+
     def train() -> None:
         q, k, v = (t.detach().requires_grad_() for t in qkv)
         with autocast(device):
             out = fn(q, k, v)
-        out.float().sum().backward()
+        out.backward(cotangent)
 
     return forward, train
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,24 +60,51 @@ def check_coords(coords: Tensor, num_axes: int) -> Tensor:
         )
     if coords.shape[-2] == 0:
         raise ValueError("coords must hold at least one position, got n=0")
-    if coords.is_floating_point() and not torch.compiler.is_compiling() and not _known_finite(coords):
-        if not bool(torch.isfinite(coords).all()):
-            raise ValueError("coords contain NaN or inf; every coordinate must be finite")
-        _remember_finite(coords)
+    if coords.is_floating_point() and not torch.compiler.is_compiling() and not _is_finite(coords):
+        raise ValueError("coords contain NaN or inf; every coordinate must be finite")
     return coords if coords.dim() == 3 else coords.unsqueeze(0)
 
 
-# The finiteness check reads a value back from the device (a GPU sync). Tensors that passed it are remembered
-# (weakly, with their version counter) so a model reusing its cached grid coordinates pays it once; any
-# in-place change bumps the version and forces a new check. torch.compile traces skip the check entirely.
-_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+def _is_finite(coords: Tensor) -> bool:
+    return _memo(coords, "finite", lambda: bool(torch.isfinite(coords).all()))
 
 
-def _known_finite(coords: Tensor) -> bool:
-    entry = _FINITE.get(id(coords))
-    return entry is not None and entry[0]() is coords and entry[1] == coords._version
+def arithmetic_progression(coords: Tensor) -> tuple[float, float] | None:
+    """``(start, step)`` when validated 1D coords ``(1, n, 1)`` are ``start + i * step`` for ``i < n``, else None.
+
+    Equality is up to a few fp32 roundings of the largest coordinate (``grid_coords(n, spacing=1/(n-1))``
+    qualifies). Costs one device sync per coordinates tensor (cached per tensor version); under
+    ``torch.compile`` it answers None (no sync inside a graph), so compiled models take the general path.
+    """
+    if coords.dim() != 3 or coords.shape[0] != 1 or coords.shape[2] != 1 or coords.shape[1] < 2:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+
+    def detect() -> tuple[float, float] | None:
+        p = coords[0, :, 0].double()
+        start, step = p[0], p[1] - p[0]
+        ramp = start + step * torch.arange(p.shape[0], dtype=p.dtype, device=p.device)
+        error, scale = (p - ramp).abs().max(), p.abs().max().clamp(min=1)
+        start, step, ok = torch.stack([start, step, error <= 8 * torch.finfo(coords.dtype).eps * scale]).tolist()
+        return (start, step) if ok else None
+
+    return _memo(coords, "progression", detect)
 
 
-def _remember_finite(coords: Tensor) -> None:
+# Facts about a coordinates tensor (finite? an arithmetic progression?) cost a device sync to establish.
+# They are remembered per tensor, weakly and with its version counter, so a model reusing its cached grid
+# coordinates pays once; an in-place change bumps the version and forces a new look.
+_FACTS: dict[int, tuple[weakref.ref, int, dict[str, Any]]] = {}
+
+
+def _memo(coords: Tensor, fact: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, remembered as ``fact`` about this version of ``coords``."""
     key = id(coords)
-    _FINITE[key] = (weakref.ref(coords, lambda _: _FINITE.pop(key, None)), coords._version)
+    entry = _FACTS.get(key)
+    if entry is None or entry[0]() is not coords or entry[1] != coords._version:
+        entry = (weakref.ref(coords, lambda _: _FACTS.pop(key, None)), coords._version, {})
+        _FACTS[key] = entry
+    if fact not in entry[2]:
+        entry[2][fact] = compute()
+    return entry[2][fact]

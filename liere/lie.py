@@ -6,14 +6,17 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from liere.coords import arithmetic_progression
 from liere.encoding import LearnedEncoding, check_block_size
-from liere.expm import skew_expm
+from liere.expm import skew_expm, skew_expm_progression
 from liere.linalg import block_diag, num_skew_params, pair_block_params, skew_from_params
 from liere.rope import mixed_frequencies, pair_rotations
 from liere.rotations import Rotations
 
 INITS = ("rope", "uniform", "normal")
+RECOMPUTE_FROM_BLOCK_SIZE = 16  # recompute=None: recompute exponentials in the backward from this block size
 
 
 class LieRE(LearnedEncoding):
@@ -33,6 +36,14 @@ class LieRE(LearnedEncoding):
     - ``"uniform"``: the paper's uniform ``[0, 2 pi)`` entries, meant for coordinates in ``[0, 1]``
       (``grid_coords(..., spacing=1/(n-1))``); with integer coordinates norms reach the thousands.
     - ``"normal"``: small-norm ``N(0, init_std^2)`` entries.
+
+    Speed and memory (``block_size >= 3``): for 1D coordinates that are evenly spaced (token indices, checked
+    once per coordinates tensor) the rotations are powers of one exponential per generator
+    (``skew_expm_progression``), about 20x fewer matmuls than one exponential per position. Otherwise, with
+    ``recompute=True`` the exponentials are recomputed in the backward instead of keeping their ~20
+    intermediates per matrix for it (``torch.utils.checkpoint``): about a third more exponential time for a
+    fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up, where those
+    intermediates cost more than a quarter of a ViT-S step's activations (BENCHMARKS.md); not below.
     """
 
     def __init__(
@@ -47,6 +58,7 @@ class LieRE(LearnedEncoding):
         theta: float | None = None,
         init_std: float = 0.02,
         method: str = "auto",
+        recompute: bool | None = None,
         seed: int | None = None,
     ) -> None:
         self.block_size = check_block_size(block_size)
@@ -54,7 +66,10 @@ class LieRE(LearnedEncoding):
         super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if recompute is not None and not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool or None, got {recompute!r}")
         self.init, self.method = init, method
+        self.recompute = block_size >= RECOMPUTE_FROM_BLOCK_SIZE if recompute is None else recompute
         gen = self.init_generator(seed)
         num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
         shape = (depth, num_heads, num_axes, num_blocks, m)
@@ -89,6 +104,23 @@ class LieRE(LearnedEncoding):
         params = self.generators.to(coords)
         if self.block_size == 2:
             return pair_rotations(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
+        progression = arithmetic_progression(coords) if self.num_axes == 1 else None
+        if progression is not None:
+            blocks = self._progression_blocks(params, *progression, coords.shape[1])
+        elif self.recompute and torch.is_grad_enabled() and params.requires_grad:
+            blocks = checkpoint(self._blocks, coords, params, use_reentrant=False)
+        else:
+            blocks = self._blocks(coords, params)
+        return Rotations(self.head_dim, blocks=blocks)
+
+    def _blocks(self, coords: Tensor, params: Tensor) -> Tensor:
+        """``exp(sum_a p_a A_a)`` for coords ``(S, n, axes)``: blocks ``(depth, S, heads, n, rot_dim / b, b, b)``."""
         gens = skew_from_params(params, self.block_size)
         algebra = torch.einsum("sna,lhaiuv->lshniuv", coords, gens)
-        return Rotations(self.head_dim, blocks=skew_expm(algebra, method=self.method))
+        return skew_expm(algebra, method=self.method)
+
+    def _progression_blocks(self, params: Tensor, start: float, step: float, n: int) -> Tensor:
+        """``_blocks`` for 1D coords ``start + i * step``: one exponential per generator, then its powers."""
+        gens = skew_from_params(params[:, :, 0], self.block_size)  # (depth, heads, nb, b, b)
+        powers = skew_expm_progression(gens, start, step, n, self.method)  # (depth, heads, nb, n, b, b)
+        return powers.movedim(-3, -4).unsqueeze(1).contiguous()

@@ -226,16 +226,16 @@ class Rotations:
             raise ValueError(f"x has batch {batch} but the rotations hold per-sample coordinates for {s} samples")
 
     def _apply_pairs(self, x: Tensor) -> Tensor:
-        cos, sin = self.cos[0], self.sin[0]  # (S, H, n, pairs): broadcast over (batch, heads, n, pairs)
+        cos, sin = self.cos.squeeze(0), self.sin.squeeze(0)  # (S, H, n, pairs): broadcast over (batch, heads, n, pairs)
         if self.basis is not None:  # rows: x Q = (Q^T x)^T, then rotate pairs, then back with Q^T
-            Q = self.basis[0].to(torch.promote_types(x.dtype, self.basis.dtype))  # (S, H, r, r)
+            Q = self.basis.squeeze(0).to(torch.promote_types(x.dtype, self.basis.dtype))  # (S, H, r, r)
             x = x.to(Q.dtype) @ Q
         x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
         out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
         return out if self.basis is None else out @ Q.transpose(-1, -2)
 
     def _apply_blocks(self, x: Tensor) -> Tensor:
-        mats = self.blocks[0]  # (S, H, n, nb, b, b)
+        mats = self.blocks.squeeze(0)  # (S, H, n, nb, b, b); squeeze, not [0]: its backward is a view
         _, s, h, _ = self._lead
         b = self.block_size
         xb = x.unflatten(-1, (-1, b))  # (batch, heads, n, nb, b)

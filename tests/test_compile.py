@@ -22,6 +22,8 @@ def encodings() -> dict[str, tuple[PositionEncoding, torch.Tensor]]:
         "rope-mixed": (RoPEMixed(16, 2, num_heads=HEADS, seed=0), grid_coords(*GRID)),
         "liere8": (LieRE(16, 2, num_heads=HEADS, block_size=8, init="uniform", seed=0), unit_grid),
         "liere64": (LieRE(64, 2, num_heads=HEADS, block_size=64, init="uniform", seed=0), unit_grid),
+        # eager takes the 1D progression path (powers of one exponential), compiled the general one
+        "liere64-1d": (LieRE(64, 1, num_heads=HEADS, block_size=64, seed=0), grid_coords(12)),
     }
 
 

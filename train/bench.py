@@ -4,16 +4,21 @@ Times one training step (forward, backward, AdamW step; bf16 autocast on CUDA, f
 224 px, the paper's CIFAR setting (ViT-B, 32 px, patch 4) and the char-LM (6 layers, width 512, 8 heads,
 context 1024) for every encoding, plus ``reference``: what the official LieRE code does (fp32
 ``torch.linalg.matrix_exp`` of dense head_dim x head_dim generators every forward, rotations expanded to
-the batch and applied with ``bmm``). Each row shows its time and peak memory relative to RoPE (axial RoPE
-for images) from the same run. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and is not
-measured on CPU. ``--size tiny`` (the CPU default) shrinks every model; ``--compile`` adds compiled rows.
+the batch and applied with ``bmm``). Each row shows its time and memory relative to RoPE (axial RoPE for
+images) from the same run. Peak memory is ``torch.cuda.max_memory_allocated`` (CUDA only); "saved MiB", the
+distinct tensor storages autograd keeps for the backward after one forward, is measured on every device and
+is what a LieRE step adds to peak memory (rotations and exponential intermediates). ``--size tiny`` (the CPU
+default) shrinks every model; ``--compile`` adds compiled rows; ``--bf16`` uses bf16 autocast on CPU too (it
+is always on on CUDA); ``--memory-only`` skips the timing (real sizes on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liere.bench import autocast, default_size, describe, markdown_table, time_ms
-from liere.encoding import PositionEncoding
+from liere.encoding import PositionEncoding, check_positive_int
 from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
 from models import CharLM, ViT
@@ -112,13 +117,15 @@ def inputs(setting: Setting, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device)
 
 
-def train_step(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, compile: bool) -> Callable[[], None]:
-    """A closure doing one forward, backward and AdamW step."""
+def train_step(
+    model: nn.Module, x: Tensor, y: Tensor, precision: AbstractContextManager, compile: bool
+) -> Callable[[], None]:
+    """A closure doing one forward, backward and AdamW step (forward under the ``precision`` context)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compile else model
 
     def step() -> None:
-        with autocast(device):
+        with precision:
             logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
         loss.backward()
@@ -139,34 +146,61 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | No
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def saved_mib(model: Callable[[Tensor], Tensor], x: Tensor, precision: AbstractContextManager) -> float:
+    """MiB of the distinct tensor storages autograd saves for the backward during one forward of ``model``.
+
+    Device-independent: activations, rotations and exponential intermediates held for the backward (and the
+    weights the backward reads), counted once per storage however many ops save it.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()  # the graph keeps it alive: no address is reused
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
+        out = model(x)
+    del out
+    return sum(storages.values()) / 2**20
+
+
 def bench_setting(
-    setting: Setting, encodings: Sequence[str], device: torch.device, compile: bool, repeats: int
+    setting: Setting, encodings: Sequence[str], device: torch.device, args: argparse.Namespace
 ) -> list[dict]:
-    """One row per encoding (and per compiled flag); steps timed round-robin, memory one model at a time."""
+    """One row per encoding (and per compiled flag); steps timed round-robin, memory one model at a time.
+
+    ``args``: the command line's ``compile``, ``repeats``, ``bf16`` and ``memory_only``.
+    """
     x, y = inputs(setting, device)
-    steps, memory = {}, {}
+    steps, peak, saved = {}, {}, {}
     for encoding in encodings:
-        for compiled in (False, True) if compile else (False,):
-            torch.manual_seed(0)
-            step = train_step(build_model(setting, encoding).to(device), x, y, device, compiled)
+        torch.manual_seed(0)
+        model = build_model(setting, encoding).to(device)
+        saved[encoding] = saved_mib(model, x, autocast(device, args.bf16))
+        for compiled in (False,) if args.memory_only else (False, True) if args.compile else (False,):
+            step = train_step(model, x, y, autocast(device, args.bf16), compiled)
             step()  # warm-up (and compilation)
-            memory[(encoding, compiled)] = peak_memory_mb(step, device)
+            peak[(encoding, compiled)] = peak_memory_mb(step, device)
             steps[(encoding, compiled)] = step
-    times = time_ms(steps, device, repeats)
+    keys = [(e, False) for e in encodings] if args.memory_only else list(steps)
+    times = {} if args.memory_only else time_ms(steps, device, args.repeats)
     baseline = "axial-rope" if setting.kind == "vit" else "rope"
     rows = []
-    for (encoding, compiled), ms in times.items():
-        base_ms, base_mem = times[(baseline, compiled)], memory[(baseline, compiled)]
-        mem = memory[(encoding, compiled)]
+    for encoding, compiled in keys:
+        ms, base_ms = times.get((encoding, compiled)), times.get((baseline, compiled))
+        mem, base_mem = peak.get((encoding, compiled)), peak.get((baseline, compiled))
         rows.append(
             dict(
                 model=f"{setting.name} batch {setting.batch}",
                 encoding=encoding,
                 compiled=compiled,
                 step_ms=ms,
-                step_ratio=ms / base_ms,
+                step_ratio=None if ms is None else ms / base_ms,
                 peak_mib=mem,
                 mem_ratio=None if mem is None else mem / base_mem,
+                saved_mib=saved[encoding],
+                saved_ratio=saved[encoding] / saved[baseline],
             )
         )
     return rows
@@ -180,6 +214,8 @@ COLUMNS = [
     ("step_ratio", "step / RoPE"),
     ("peak_mib", "peak MiB"),
     ("mem_ratio", "memory / RoPE"),
+    ("saved_mib", "saved MiB"),
+    ("saved_ratio", "saved / RoPE"),
 ]
 
 
@@ -196,6 +232,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on on CUDA)")
+    parser.add_argument("--batch", type=int, help="override every model's batch size (saved memory is linear in it)")
+    parser.add_argument("--memory-only", action="store_true", help="measure saved memory only, no timing")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     return parser.parse_args(argv)
 
@@ -210,10 +249,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for setting in settings(size):
         if args.models and not any(m in setting.name for m in args.models):
             continue
+        if args.batch is not None:
+            setting = dataclasses.replace(setting, batch=check_positive_int(args.batch, "--batch"))
         names = ENCODINGS_2D if setting.kind == "vit" else ENCODINGS_1D
         baseline = names[1]
         encodings = list(names) if args.encodings is None else [baseline, *(e for e in args.encodings if e != baseline)]
-        results["rows"] += bench_setting(setting, encodings, device, args.compile, args.repeats)
+        results["rows"] += bench_setting(setting, encodings, device, args)
     print(markdown_table(results["rows"], COLUMNS) + "\n")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,125 @@
+"""LieRE's fast paths give the general path's numbers: 1D powers of one exponential, recompute in the backward."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import liere.lie
+from liere import LieRE, grid_coords
+from liere.coords import arithmetic_progression, check_coords
+from liere.expm import orthogonality_error, skew_expm_progression
+from train.bench import saved_mib
+
+
+def generators(b: int, heads: int = 2) -> torch.Tensor:
+    """1D rope-init LieRE generators ``(heads, 64 / b, b, b)``: RoPE frequencies 1 .. 1e-4 in every block."""
+    return LieRE(64, 1, num_heads=heads, block_size=b, seed=0).generator_blocks()[0, :, 0].detach()
+
+
+@pytest.mark.parametrize("b", [4, 8, 64])
+@pytest.mark.parametrize(("n", "start", "step"), [(1, 2.0, 1.0), (16, 0.0, 1.0), (300, 0.0, 1.0), (77, -3.0, 0.5)])
+def test_progression_matches_scipy_and_stays_orthogonal(b: int, n: int, start: float, step: float) -> None:
+    A = generators(b)
+    R = skew_expm_progression(A, start, step, n)
+    assert R.shape == (*A.shape[:-2], n, b, b)
+    A64 = A.double().numpy()
+    for i in sorted({0, n // 2, n - 1}):
+        p = start + i * step
+        ref = np.stack([[scipy.linalg.expm(p * a) for a in head] for head in A64])
+        # fp32 error grows like |p| |A| eps on every route (this one: E's rounding to the p-th power)
+        assert np.abs(R[..., i, :, :].double().numpy() - ref).max() <= 2e-7 * max(1.0, abs(p)), (i, p)
+    assert orthogonality_error(R) <= 5e-6
+
+
+def test_progression_gradient_matches_fp64_gradcheck() -> None:
+    A = generators(4, heads=1).double()[:, :1].requires_grad_()
+
+    def fn(A: torch.Tensor) -> torch.Tensor:
+        return skew_expm_progression(A - A.mT, 0.5, 0.75, 5)  # any direction stays skew
+
+    assert torch.autograd.gradcheck(fn, (A,))
+
+
+@pytest.mark.parametrize(
+    ("n", "start", "step", "error"),
+    [(0, 0.0, 1.0, "n must be"), (True, 0.0, 1.0, "n must be"), (4, 0.0, float("nan"), "finite")],
+)
+def test_progression_bad_arguments(n: object, start: float, step: float, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        skew_expm_progression(generators(8), start, step, n)  # type: ignore[arg-type]
+
+
+def test_arithmetic_progression_detection() -> None:
+    def detect(coords: torch.Tensor) -> tuple[float, float] | None:
+        return arithmetic_progression(check_coords(coords, coords.shape[-1]))
+
+    assert detect(grid_coords(10)) == (0.0, 1.0)
+    start, step = detect(grid_coords(1000, spacing=1 / 999))
+    assert start == 0 and step == pytest.approx(1 / 999)
+    assert detect(grid_coords(5) * 2 + 3) == (3.0, 2.0)
+    assert detect(torch.tensor([[0.0], [1.0], [3.0]])) is None  # not evenly spaced
+    assert detect(grid_coords(1)) is None  # a single position: nothing to gain
+    assert detect(grid_coords(4).expand(2, 4, 1)) is None  # per-sample coordinates
+    assert detect(grid_coords(2, 3)) is None  # 2D
+    coords = grid_coords(6)
+    assert detect(coords) == (0.0, 1.0)
+    coords[2] = 7.0  # in place: the cached answer is dropped
+    assert detect(coords) is None
+
+
+def general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(liere.lie, "arithmetic_progression", lambda coords: None)
+
+
+def rotate_and_grads(pe: LieRE, coords: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rotated queries of every layer, and the gradients of a random loss for the queries and generators."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, pe.num_heads, coords.shape[0] + 1, pe.head_dim, generator=gen, requires_grad=True)
+    rot = pe(coords, num_prefix_tokens=1)
+    out = torch.stack([rot.for_layer(i).apply(q) for i in range(pe.depth)])
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    grads = [q.grad, pe.generators.grad]
+    pe.zero_grad()
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("b", [3, 8, 64])
+@pytest.mark.parametrize("spacing", [1.0, 1 / 99])
+def test_liere_1d_progression_path_equals_general_path(b: int, spacing: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    init = "uniform" if spacing < 1 else "rope"  # the paper's init is meant for coordinates in [0, 1]
+    pe = LieRE(64, 1, num_heads=2, depth=2, block_size=b, rot_dim=64 // b * b, init=init, seed=0)
+    coords = grid_coords(100, spacing=spacing)
+    fast, fast_grads = rotate_and_grads(pe, coords)
+    general_path(monkeypatch)
+    slow, slow_grads = rotate_and_grads(pe, coords)
+    torch.testing.assert_close(fast, slow, atol=2e-4, rtol=0)
+    for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
+        assert (g_fast.flatten(1).abs().sum(-1) > 0).all()  # every layer's (and sample's) gradient arrives
+        torch.testing.assert_close(g_fast, g_slow, atol=2e-3 * g_slow.abs().max().item(), rtol=0)
+
+
+def test_recompute_gives_identical_numbers_and_saves_memory() -> None:
+    coords = grid_coords(7, 7)
+    results, saved = {}, {}
+    for recompute in (False, True):
+        pe = LieRE(64, 2, num_heads=2, depth=3, block_size=16, seed=0, recompute=recompute)
+        results[recompute] = rotate_and_grads(pe, coords)
+        q = torch.randn(2, 2, 50, 64)
+        saved[recompute] = saved_mib(lambda q, pe=pe: pe(coords, num_prefix_tokens=1)[0].apply(q), q, nullcontext())
+    torch.testing.assert_close(results[True][0], results[False][0], atol=0, rtol=0)
+    for g_recompute, g_kept in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(g_recompute, g_kept, atol=0, rtol=0)
+    assert saved[True] < saved[False] / 4, saved
+
+
+def test_recompute_default_and_bad_value() -> None:
+    assert LieRE(64, 2, block_size=8).recompute is False
+    assert LieRE(64, 2, block_size=16).recompute is True
+    assert LieRE(64, 2, block_size=64, recompute=False).recompute is False
+    with pytest.raises(TypeError, match="recompute must be a bool or None"):
+        LieRE(64, 2, recompute="yes")  # type: ignore[arg-type]
