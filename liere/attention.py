@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -16,4 +17,8 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
     """
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    device = q.device.type
+    if rot.blocks is not None and torch.is_autocast_enabled(device):
+        # autocast would cast the block matrices in each of the two matmuls (two saved copies): cast once
+        rot = rot.to(torch.get_autocast_dtype(device))
     return F.scaled_dot_product_attention(rot.apply(q), rot.apply(k), v, **sdpa_kwargs)

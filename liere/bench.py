@@ -4,7 +4,8 @@ Two markdown tables; every row carries its time relative to a baseline timed in 
 
 - exponential: every ``skew_expm`` method against ``torch.linalg.matrix_exp`` in fp32, forward and
   forward+backward, on the generator stacks of real models (paper init: uniform ``[0, 2 pi)`` generators,
-  coordinates in ``[0, 1]``), with orthogonality and relative error against the fp64 ``matrix_exp``;
+  coordinates in ``[0, 1]``), with orthogonality and relative error against the fp64 ``matrix_exp``; on
+  1D stacks also ``progression`` (``skew_expm_progression``: powers of one exponential per generator);
 - application: ``Rotations.apply`` (pairs, blocks) against an eager RoPE (rotary-embedding-torch when
   installed) and one SDPA call of the same shape.
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from liere.coords import grid_coords
-from liere.expm import orthogonality_error, skew_expm
+from liere.expm import orthogonality_error, skew_expm, skew_expm_progression
 from liere.lie import LieRE
 from liere.rotations import Rotations
 
@@ -123,21 +124,49 @@ def stacks(size: str) -> list[Stack]:
     ]
 
 
-def algebra(stack: Stack, b: int, device: torch.device) -> Tensor:
-    """``sum_a p_a A_a`` for every layer, head, position and block: ``(..., b, b)`` fp32, paper init."""
+def generators(stack: Stack, b: int) -> tuple[Tensor, Tensor]:
+    """Paper-init generator blocks ``(depth, heads, axes, nb, b, b)`` and the coordinates ``(n, axes)`` in [0, 1]."""
     rot_dim = HEAD_DIM // b * b  # b=3: 21 blocks, one feature passes through
     pe = LieRE(HEAD_DIM, len(stack.grid), stack.heads, stack.depth, b, rot_dim=rot_dim, init="uniform", seed=0)
     coords = grid_coords(*stack.grid, spacing=[1 / max(n - 1, 1) for n in stack.grid])
-    A = torch.einsum("na,lhaiuv->lhniuv", coords, pe.generator_blocks().detach())
-    return A.reshape(-1, b, b).to(device)
+    return pe.generator_blocks().detach(), coords
 
 
-def exp_methods(b: int) -> list[str]:
-    return ["matrix_exp", "exact", *(["closed"] if b <= 3 else []), "taylor_cans"]
+def algebra(stack: Stack, b: int, device: torch.device) -> Tensor:
+    """``sum_a p_a A_a`` for every layer, head, position and block: ``(..., b, b)`` fp32, paper init."""
+    gens, coords = generators(stack, b)
+    return torch.einsum("na,lhaiuv->lhniuv", coords, gens).reshape(-1, b, b).to(device)
 
 
-def run_exp(method: str, A: Tensor) -> Tensor:
-    return torch.linalg.matrix_exp(A) if method == "matrix_exp" else skew_expm(A, method)
+def exp_methods(stack: Stack, b: int) -> list[str]:
+    """The baseline, every ``skew_expm`` method for ``b``, and powers of one exponential on 1D stacks."""
+    return ["matrix_exp", "exact", *(["closed"] if b <= 3 else []), "taylor_cans", *(["progression"] * is_1d(stack))]
+
+
+def is_1d(stack: Stack) -> bool:
+    return len(stack.grid) == 1
+
+
+def auto_method(stack: Stack, b: int) -> str:
+    """What LieRE runs: powers on evenly spaced 1D positions (b >= 3), else ``skew_expm``'s ``"auto"``."""
+    return "progression" if is_1d(stack) and b >= 3 else "closed" if b <= 3 else "taylor_cans"
+
+
+def exp_function(stack: Stack, b: int, method: str, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """``(fn, x)`` with ``fn(x)`` the stack's rotations ``(matrices, b, b)`` in ``algebra``'s order, by ``method``.
+
+    ``x`` is the algebra stack, or for ``"progression"`` the generators (the rotations are their powers).
+    """
+    if method != "progression":
+        A = algebra(stack, b, device)
+        return (torch.linalg.matrix_exp if method == "matrix_exp" else lambda x: skew_expm(x, method)), A
+    gens, coords = generators(stack, b)
+    n, step = coords.shape[0], float(coords[1, 0] - coords[0, 0])
+
+    def powers(G: Tensor) -> Tensor:  # (depth, heads, nb, n, b, b) -> (depth, heads, n, nb, b, b)
+        return skew_expm_progression(G, 0.0, step, n).movedim(-3, -4).reshape(-1, b, b)
+
+    return powers, gens[:, :, 0].to(device)
 
 
 def fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
@@ -157,27 +186,27 @@ def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], re
     rows = []
     for stack in stacks(size):
         for b in blocks:
-            A32 = algebra(stack, b, device)
+            ref = torch.linalg.matrix_exp(algebra(stack, b, device).double())
             group, fns = [], {}
             for dname, dtype in DTYPES.items():
-                A = A32.to(dtype)
-                ref = torch.linalg.matrix_exp(A.double())
-                for method in exp_methods(b):
+                for method in exp_methods(stack, b):
                     if method == "matrix_exp" and dtype != torch.float32:
                         continue  # the baseline; natively in bf16 it returns NaN or is unsupported
-                    R = run_exp(method, A)
+                    fn, x = exp_function(stack, b, method, device)
+                    x = x.to(dtype)
+                    R = fn(x)
                     rel = torch.linalg.matrix_norm(R.double() - ref).amax() / math.sqrt(b)
                     key = (dname, method)
-                    fns[("fwd", *key)] = lambda m=method, A=A: run_exp(m, A)
-                    fns[("fwdbwd", *key)] = fwd_bwd(lambda x, m=method: run_exp(m, x), A)
+                    fns[("fwd", *key)] = lambda fn=fn, x=x: fn(x)
+                    fns[("fwdbwd", *key)] = fwd_bwd(fn, x)
                     group.append(
                         dict(
                             stack=stack.name,
-                            matrices=A.shape[0],
+                            matrices=R.shape[0],
                             block=b,
                             dtype=dname,
                             method=method,
-                            auto=method == ("closed" if b <= 3 else "taylor_cans"),
+                            auto=method == auto_method(stack, b),
                             orth_error=float(orthogonality_error(R)),
                             rel_error=float(rel),
                         )

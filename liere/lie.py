@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +40,11 @@ class LieRE(LearnedEncoding):
 
     Speed and memory (``block_size >= 3``): for 1D coordinates that are evenly spaced (token indices, checked
     once per coordinates tensor) the rotations are powers of one exponential per generator
-    (``skew_expm_progression``), about 20x fewer matmuls than one exponential per position. Otherwise, with
-    ``recompute=True`` the exponentials are recomputed in the backward instead of keeping their ~20
-    intermediates per matrix for it (``torch.utils.checkpoint``): about a third more exponential time for a
-    fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up, where those
-    intermediates cost more than a quarter of a ViT-S step's activations (BENCHMARKS.md); not below.
+    (``skew_expm_progression``), about 20x fewer matmuls than one exponential per position. With
+    ``recompute=True`` the rotations are recomputed in the backward instead of keeping their intermediates
+    for it (``torch.utils.checkpoint``; ~20 per matrix for ``skew_expm``, ~1 for powers): about a third more
+    rotation time for a fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up,
+    where the intermediates cost more than a quarter of a ViT-S step's activations (BENCHMARKS.md).
     """
 
     def __init__(
@@ -105,13 +106,13 @@ class LieRE(LearnedEncoding):
         if self.block_size == 2:
             return pair_rotations(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
         progression = arithmetic_progression(coords) if self.num_axes == 1 else None
-        if progression is not None:
-            blocks = self._progression_blocks(params, *progression, coords.shape[1])
-        elif self.recompute and torch.is_grad_enabled() and params.requires_grad:
-            blocks = checkpoint(self._blocks, coords, params, use_reentrant=False)
+        if progression is None:
+            compute, args = self._blocks, (coords, params)
         else:
-            blocks = self._blocks(coords, params)
-        return Rotations(self.head_dim, blocks=blocks)
+            compute, args = partial(self._progression_blocks, progression=progression, n=coords.shape[1]), (params,)
+        if self.recompute and torch.is_grad_enabled() and params.requires_grad:
+            return Rotations(self.head_dim, blocks=checkpoint(compute, *args, use_reentrant=False))
+        return Rotations(self.head_dim, blocks=compute(*args))
 
     def _blocks(self, coords: Tensor, params: Tensor) -> Tensor:
         """``exp(sum_a p_a A_a)`` for coords ``(S, n, axes)``: blocks ``(depth, S, heads, n, rot_dim / b, b, b)``."""
@@ -119,8 +120,8 @@ class LieRE(LearnedEncoding):
         algebra = torch.einsum("sna,lhaiuv->lshniuv", coords, gens)
         return skew_expm(algebra, method=self.method)
 
-    def _progression_blocks(self, params: Tensor, start: float, step: float, n: int) -> Tensor:
-        """``_blocks`` for 1D coords ``start + i * step``: one exponential per generator, then its powers."""
+    def _progression_blocks(self, params: Tensor, progression: tuple[float, float], n: int) -> Tensor:
+        """``_blocks`` for 1D coords ``start + i * step``, ``i < n``: one exponential per generator, then powers."""
         gens = skew_from_params(params[:, :, 0], self.block_size)  # (depth, heads, nb, b, b)
-        powers = skew_expm_progression(gens, start, step, n, self.method)  # (depth, heads, nb, n, b, b)
+        powers = skew_expm_progression(gens, *progression, n, self.method)  # (depth, heads, nb, n, b, b)
         return powers.movedim(-3, -4).unsqueeze(1).contiguous()

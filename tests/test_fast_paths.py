@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 import liere.lie
-from liere import LieRE, grid_coords
+from liere import LieRE, grid_coords, rotary_attention
 from liere.coords import arithmetic_progression, check_coords
 from liere.expm import orthogonality_error, skew_expm_progression
 from train.bench import saved_mib
@@ -123,3 +123,15 @@ def test_recompute_default_and_bad_value() -> None:
     assert LieRE(64, 2, block_size=64, recompute=False).recompute is False
     with pytest.raises(TypeError, match="recompute must be a bool or None"):
         LieRE(64, 2, recompute="yes")  # type: ignore[arg-type]
+
+
+def test_rotary_attention_under_autocast_matches_fp32() -> None:
+    """Under autocast the block matrices are cast once for q and k; the result is fp32's up to bf16 rounding."""
+    pe = LieRE(16, 2, num_heads=2, block_size=8, seed=0)
+    rot = pe(grid_coords(3, 3))
+    q, k, v = torch.randn(3, 2, 2, 9, 16, generator=torch.Generator().manual_seed(0))
+    reference = rotary_attention(q, k, v, rot)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = rotary_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), rot)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=5e-2, rtol=0)
