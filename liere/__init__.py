@@ -10,7 +10,7 @@ from liere.attention import rotary_attention
 from liere.comrope import ComRoPE
 from liere.coords import grid_coords
 from liere.encoding import PositionEncoding
-from liere.expm import skew_expm
+from liere.expm import skew_expm, skew_expm_progression
 from liere.factory import available, build, register
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
@@ -40,4 +40,5 @@ __all__ = [
     "register",
     "rotary_attention",
     "skew_expm",
+    "skew_expm_progression",
 ]

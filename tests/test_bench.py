@@ -54,8 +54,25 @@ def test_model_bench_rows(tmp_path) -> None:
     assert [r["encoding"] for r in rows] == list(model_bench.ENCODINGS_2D)
     assert_times(rows, ("step_ms", "step_ratio"))
     assert all(r["peak_mib"] is None for r in rows)  # not measured on CPU
+    assert_times(rows, ("saved_mib", "saved_ratio"))
+    saved = {r["encoding"]: r["saved_mib"] for r in rows}
+    assert saved["none"] < saved["axial-rope"] < saved["reference"]  # rotations, then per-sample dense ones
     lm = model_bench.main(["--size", "tiny", "--models", "char-LM", "--encodings", "reference", "--repeats", "1"])
     assert [r["encoding"] for r in lm["rows"]] == ["rope", "reference"]
+
+
+def test_model_bench_memory_only_bf16_and_batch() -> None:
+    argv = ["--size", "tiny", "--models", "char-LM", "--encodings", "liere64", "--memory-only", "--bf16"]
+    small, large = (model_bench.main([*argv, "--batch", str(b)])["rows"] for b in (2, 4))
+    for rows, batch in ((small, 2), (large, 4)):
+        assert [(r["encoding"], r["step_ms"], r["model"].endswith(f"batch {batch}")) for r in rows] == [
+            ("rope", None, True),
+            ("liere64", None, True),
+        ]
+    # activations grow with the batch, the rotations do not: LieRE's excess over RoPE stays nearly the same
+    excess = [rows[1]["saved_mib"] - rows[0]["saved_mib"] for rows in (small, large)]
+    assert excess[0] > 0 and abs(excess[1] - excess[0]) < 0.15 * excess[0], excess
+    assert large[0]["saved_mib"] > 1.5 * small[0]["saved_mib"]
 
 
 def test_reference_rotations_apply_like_rotations() -> None:
