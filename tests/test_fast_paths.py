@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 import liere.lie
-from liere import LieRE, grid_coords, rotary_attention
+from liere import LieRE, Rotations, grid_coords, rotary_attention
 from liere.coords import arithmetic_progression, check_coords
 from liere.expm import orthogonality_error, skew_expm_progression
 from train.bench import saved_mib
@@ -135,3 +135,12 @@ def test_rotary_attention_under_autocast_matches_fp32() -> None:
         low = rotary_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), rot)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), reference, atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize(("samples", "heads"), [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_block_application_gradients(samples: int, heads: int) -> None:
+    """The block application's own backward (it saves x, not einsum's copy) against fp64 gradcheck."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randn(1, samples, heads, 4, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(3, 2, 4, 7, dtype=torch.float64, generator=gen, requires_grad=True)  # one feature passes
+    assert torch.autograd.gradcheck(lambda blocks, x: Rotations(7, blocks=blocks).apply(x), (blocks, x))
