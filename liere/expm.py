@@ -77,23 +77,26 @@ def skew_expm_progression(A: Tensor, start: float, step: float, n: int, method: 
     per position instead of ~20. Accuracy matches the direct route: both errors grow like
     ``|p| |A| eps`` (here from ``E``'s rounding raised to the ``i``-th power, there from rounding ``p_i A``).
     Each ``E^(2^k)`` gets one CANS polishing step (squaring doubles the distance to the orthogonal group),
-    so the products stay orthogonal to ``~log2(n) eps``.
+    so the products stay orthogonal to ``~log2(n) eps``. Like ``skew_expm``, fp16/bf16 input is computed in
+    fp32 (autocast off) and cast back.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not (math.isfinite(start) and math.isfinite(step)):
         raise ValueError(f"start and step must be finite, got {start} and {step}")
-    first = skew_expm(start * A, method) if start else _identity_like(A)
-    powers = first.unsqueeze(-3)  # (..., 1, b, b): R_0
-    square = skew_expm(step * A, method)  # E^(2^k), k = 0 first
-    while powers.shape[-3] < n:
-        count = powers.shape[-3]
-        new = powers[..., : n - count, :, :]  # R_i E^count for i < min(count, n - count)
-        new = (new.flatten(-3, -2) @ square).unflatten(-2, new.shape[-3:-1])
-        powers = torch.cat([powers, new], dim=-3)
-        if powers.shape[-3] < n:  # squaring doubles the distance to the group: pull it back each time
-            square = _cans_step(square @ square, _identity_like(square))
-    return powers
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32  # products of bf16 rotations drift
+    with torch.autocast(device_type=A.device.type, enabled=False):
+        X = A.to(work)
+        powers = (skew_expm(start * X, method) if start else _identity_like(X)).unsqueeze(-3)  # R_0
+        square = skew_expm(step * X, method)  # E^(2^k), k = 0 first
+        while powers.shape[-3] < n:
+            count = powers.shape[-3]
+            new = powers[..., : n - count, :, :]  # R_i E^count for i < min(count, n - count)
+            new = (new.flatten(-3, -2) @ square).unflatten(-2, new.shape[-3:-1])
+            powers = torch.cat([powers, new], dim=-3)
+            if powers.shape[-3] < n:  # squaring doubles the distance to the group: pull it back each time
+                square = _cans_step(square @ square, _identity_like(square))
+    return powers.to(A.dtype)
 
 
 def _identity_like(A: Tensor) -> Tensor:

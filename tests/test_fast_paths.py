@@ -144,3 +144,12 @@ def test_block_application_gradients(samples: int, heads: int) -> None:
     blocks = torch.randn(1, samples, heads, 4, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(3, 2, 4, 7, dtype=torch.float64, generator=gen, requires_grad=True)  # one feature passes
     assert torch.autograd.gradcheck(lambda blocks, x: Rotations(7, blocks=blocks).apply(x), (blocks, x))
+
+
+def test_progression_low_precision_input_is_computed_in_fp32() -> None:
+    A = generators(64)
+    reference = skew_expm_progression(A.bfloat16().float(), 0.0, 1.0, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        R = skew_expm_progression(A.bfloat16(), 0.0, 1.0, 256)
+    assert R.dtype == torch.bfloat16
+    assert (R.float() - reference).abs().max() <= 4e-3  # the output rounding, no drift along the products
