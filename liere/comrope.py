@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from liere.block_exp import generator_exponentials, resolve_recompute
 from liere.encoding import LearnedEncoding, check_block_size
-from liere.expm import skew_expm
 from liere.linalg import block_diag, pair_block_params, skew_from_params
 from liere.rope import rope_frequencies
 from liere.rotations import Rotations
@@ -29,7 +29,8 @@ class ComRoPE(LearnedEncoding):
     (one scalar per axis and block: with one scalar per axis for all blocks, ``R(p)`` would only see the single
     projection ``sum_a p_a theta_a`` of the position). Init: each block starts as 2x2 rotations with RoPE
     frequencies ``theta ** (-2j / rot_dim)`` on its feature pairs; LD scales start as random unit directions
-    per block, so at init ``"ap"`` is an axial RoPE and ``"ld"`` a RoPE-Mixed.
+    per block, so at init ``"ap"`` is an axial RoPE and ``"ld"`` a RoPE-Mixed. ``method`` and ``recompute``
+    as in ``LieRE`` (1D positions take the powers path there too).
     """
 
     def __init__(
@@ -43,11 +44,13 @@ class ComRoPE(LearnedEncoding):
         rot_dim: int | None = None,
         theta: float | None = None,
         method: str = "auto",
+        recompute: bool | None = None,
         seed: int | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant, self.block_size, self.method = variant, check_block_size(block_size), method
+        self.recompute = resolve_recompute(recompute, block_size)
         why = f"block_size={block_size}"
         super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
         num_blocks = self.rot_dim // block_size
@@ -76,7 +79,6 @@ class ComRoPE(LearnedEncoding):
         return block_diag(gens, self.head_dim, fill_identity=False)
 
     def rotations(self, coords: Tensor) -> Rotations:
-        S = skew_from_params(self.blocks.to(coords), self.block_size)  # (depth, heads, nb, b, b)
-        t = torch.einsum("sna,dhaj->dshnj", coords, self._axis_weights(coords.dtype))
-        algebra = t[..., None, None] * S[:, None, :, None]
-        return Rotations(self.head_dim, blocks=skew_expm(algebra, method=self.method))
+        S = skew_from_params(self.blocks.to(coords), self.block_size)[:, :, None]  # (depth, heads, 1, nb, b, b)
+        gens = self._axis_weights(coords.dtype)[..., None, None] * S  # (depth, heads, axes, nb, b, b)
+        return Rotations(self.head_dim, blocks=generator_exponentials(coords, gens, self.method, self.recompute))

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from liere.coords import arithmetic_progression
+from liere.block_exp import generator_exponentials, resolve_recompute
 from liere.encoding import LearnedEncoding, check_block_size
-from liere.expm import skew_expm, skew_expm_progression
 from liere.linalg import block_diag, num_skew_params, pair_block_params, skew_from_params
 from liere.rope import mixed_frequencies, pair_rotations
 from liere.rotations import Rotations
 
 INITS = ("rope", "uniform", "normal")
-RECOMPUTE_FROM_BLOCK_SIZE = 16  # recompute=None: recompute exponentials in the backward from this block size
 
 
 class LieRE(LearnedEncoding):
@@ -67,10 +63,8 @@ class LieRE(LearnedEncoding):
         super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if recompute is not None and not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be a bool or None, got {recompute!r}")
         self.init, self.method = init, method
-        self.recompute = block_size >= RECOMPUTE_FROM_BLOCK_SIZE if recompute is None else recompute
+        self.recompute = resolve_recompute(recompute, block_size)
         gen = self.init_generator(seed)
         num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
         shape = (depth, num_heads, num_axes, num_blocks, m)
@@ -105,23 +99,5 @@ class LieRE(LearnedEncoding):
         params = self.generators.to(coords)
         if self.block_size == 2:
             return pair_rotations(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
-        progression = arithmetic_progression(coords) if self.num_axes == 1 else None
-        if progression is None:
-            compute, args = self._blocks, (coords, params)
-        else:
-            compute, args = partial(self._progression_blocks, progression=progression, n=coords.shape[1]), (params,)
-        if self.recompute and torch.is_grad_enabled() and params.requires_grad:
-            return Rotations(self.head_dim, blocks=checkpoint(compute, *args, use_reentrant=False))
-        return Rotations(self.head_dim, blocks=compute(*args))
-
-    def _blocks(self, coords: Tensor, params: Tensor) -> Tensor:
-        """``exp(sum_a p_a A_a)`` for coords ``(S, n, axes)``: blocks ``(depth, S, heads, n, rot_dim / b, b, b)``."""
         gens = skew_from_params(params, self.block_size)
-        algebra = torch.einsum("sna,lhaiuv->lshniuv", coords, gens)
-        return skew_expm(algebra, method=self.method)
-
-    def _progression_blocks(self, params: Tensor, progression: tuple[float, float], n: int) -> Tensor:
-        """``_blocks`` for 1D coords ``start + i * step``, ``i < n``: one exponential per generator, then powers."""
-        gens = skew_from_params(params[:, :, 0], self.block_size)  # (depth, heads, nb, b, b)
-        powers = skew_expm_progression(gens, *progression, n, self.method)  # (depth, heads, nb, n, b, b)
-        return powers.movedim(-3, -4).unsqueeze(1).contiguous()
+        return Rotations(self.head_dim, blocks=generator_exponentials(coords, gens, self.method, self.recompute))

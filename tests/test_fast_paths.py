@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-import liere.lie
-from liere import LieRE, Rotations, grid_coords, rotary_attention
+import liere.block_exp
+from liere import ComRoPE, LieRE, Rotations, grid_coords, rotary_attention
 from liere.coords import arithmetic_progression, check_coords
 from liere.expm import orthogonality_error, skew_expm_progression
 from train.bench import saved_mib
@@ -73,17 +73,17 @@ def test_arithmetic_progression_detection() -> None:
 
 
 def general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(liere.lie, "arithmetic_progression", lambda coords: None)
+    monkeypatch.setattr(liere.block_exp, "arithmetic_progression", lambda coords: None)
 
 
-def rotate_and_grads(pe: LieRE, coords: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def rotate_and_grads(pe: LieRE | ComRoPE, coords: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Rotated queries of every layer, and the gradients of a random loss for the queries and generators."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, pe.num_heads, coords.shape[0] + 1, pe.head_dim, generator=gen, requires_grad=True)
     rot = pe(coords, num_prefix_tokens=1)
     out = torch.stack([rot.for_layer(i).apply(q) for i in range(pe.depth)])
     (out * torch.randn(out.shape, generator=gen)).sum().backward()
-    grads = [q.grad, pe.generators.grad]
+    grads = [q.grad, *(p.grad for p in pe.parameters())]
     pe.zero_grad()
     return out.detach(), grads
 
@@ -94,6 +94,11 @@ def test_liere_1d_progression_path_equals_general_path(b: int, spacing: float, m
     init = "uniform" if spacing < 1 else "rope"  # the paper's init is meant for coordinates in [0, 1]
     pe = LieRE(64, 1, num_heads=2, depth=2, block_size=b, rot_dim=64 // b * b, init=init, seed=0)
     coords = grid_coords(100, spacing=spacing)
+    assert_same_numbers(pe, coords, monkeypatch)
+
+
+def assert_same_numbers(pe: LieRE | ComRoPE, coords: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotated queries and gradients agree between the powers path and the general path."""
     fast, fast_grads = rotate_and_grads(pe, coords)
     general_path(monkeypatch)
     slow, slow_grads = rotate_and_grads(pe, coords)
@@ -101,6 +106,13 @@ def test_liere_1d_progression_path_equals_general_path(b: int, spacing: float, m
     for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
         assert (g_fast.flatten(1).abs().sum(-1) > 0).all()  # every layer's (and sample's) gradient arrives
         torch.testing.assert_close(g_fast, g_slow, atol=2e-3 * g_slow.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["ap", "ld"])
+def test_comrope_1d_progression_path_equals_general_path(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pe = ComRoPE(64, 1, num_heads=2, depth=2, variant=variant, block_size=16, seed=0)
+    assert pe.recompute  # b=16: recompute on by default
+    assert_same_numbers(pe, grid_coords(100), monkeypatch)
 
 
 def test_recompute_gives_identical_numbers_and_saves_memory() -> None:
