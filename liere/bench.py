@@ -132,10 +132,9 @@ def generators(stack: Stack, b: int) -> tuple[Tensor, Tensor]:
     return pe.generator_blocks().detach(), coords
 
 
-def algebra(stack: Stack, b: int, device: torch.device) -> Tensor:
-    """``sum_a p_a A_a`` for every layer, head, position and block: ``(..., b, b)`` fp32, paper init."""
-    gens, coords = generators(stack, b)
-    return torch.einsum("na,lhaiuv->lhniuv", coords, gens).reshape(-1, b, b).to(device)
+def algebra(gens: Tensor, coords: Tensor) -> Tensor:
+    """``sum_a p_a A_a`` for every layer, head, position and block, flattened to ``(matrices, b, b)``."""
+    return torch.einsum("na,lhaiuv->lhniuv", coords.to(gens), gens).flatten(0, -3)
 
 
 def exp_methods(stack: Stack, b: int) -> list[str]:
@@ -153,26 +152,22 @@ def auto_method(stack: Stack, b: int) -> str:
 
 
 def exp_function(
-    stack: Stack, b: int, method: str, device: torch.device
+    gens: Tensor, coords: Tensor, method: str, device: torch.device
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, Callable[[Tensor], Tensor]]:
-    """``(fn, x, to_algebra)``: ``fn(x)`` is the stack's rotations ``(matrices, b, b)`` by ``method``, in
-    ``algebra``'s order, and ``exp(to_algebra(x))`` what they should be.
+    """``(fn, x, to_algebra)`` for ``generators``' output: ``fn(x)`` is the rotations ``(matrices, b, b)`` by
+    ``method``, in ``algebra``'s order, and ``exp(to_algebra(x))`` what they should be.
 
     ``x`` is the algebra stack, or for ``"progression"`` the generators (the rotations are their powers).
     """
     if method != "progression":
         fn = torch.linalg.matrix_exp if method == "matrix_exp" else lambda x: skew_expm(x, method)
-        return fn, algebra(stack, b, device), lambda x: x
-    gens, coords = generators(stack, b)
+        return fn, algebra(gens, coords).to(device), lambda x: x
     n, step = coords.shape[0], float(coords[1, 0] - coords[0, 0])
 
     def powers(G: Tensor) -> Tensor:  # (depth, heads, nb, n, b, b) -> (depth, heads, n, nb, b, b)
-        return skew_expm_progression(G, 0.0, step, n).movedim(-3, -4).reshape(-1, b, b)
+        return skew_expm_progression(G, 0.0, step, n).movedim(-3, -4).flatten(0, -3)
 
-    def to_algebra(G: Tensor) -> Tensor:
-        return torch.einsum("n,lhiuv->lhniuv", coords[:, 0].to(G), G).reshape(-1, b, b)
-
-    return powers, gens[:, :, 0].to(device), to_algebra
+    return powers, gens[:, :, 0].to(device), lambda G: algebra(G.unsqueeze(2), coords)
 
 
 def fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
@@ -192,12 +187,13 @@ def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], re
     rows = []
     for stack in stacks(size):
         for b in blocks:
+            gens, coords = generators(stack, b)
             group, fns = [], {}
             for dname, dtype in DTYPES.items():
                 for method in exp_methods(stack, b):
                     if method == "matrix_exp" and dtype != torch.float32:
                         continue  # the baseline; natively in bf16 it returns NaN or is unsupported
-                    fn, x, to_algebra = exp_function(stack, b, method, device)
+                    fn, x, to_algebra = exp_function(gens, coords, method, device)
                     x = x.to(dtype)
                     R = fn(x)
                     ref = torch.linalg.matrix_exp(to_algebra(x.double()))  # the exact result for this input

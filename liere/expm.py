@@ -87,7 +87,8 @@ def skew_expm_progression(A: Tensor, start: float, step: float, n: int, method: 
     work = torch.float64 if A.dtype == torch.float64 else torch.float32  # products of bf16 rotations drift
     with torch.autocast(device_type=A.device.type, enabled=False):
         X = A.to(work)
-        powers = (skew_expm(start * X, method) if start else _identity_like(X)).unsqueeze(-3)  # R_0
+        eye = torch.eye(X.shape[-1], dtype=work, device=X.device)
+        powers = (skew_expm(start * X, method) if start else eye.expand(X.shape)).unsqueeze(-3)  # R_0
         square = skew_expm(step * X, method)  # E^(2^k), k = 0 first
         while powers.shape[-3] < n:
             count = powers.shape[-3]
@@ -95,12 +96,8 @@ def skew_expm_progression(A: Tensor, start: float, step: float, n: int, method: 
             new = (new.flatten(-3, -2) @ square).unflatten(-2, new.shape[-3:-1])
             powers = torch.cat([powers, new], dim=-3)
             if powers.shape[-3] < n:  # squaring doubles the distance to the group: pull it back each time
-                square = _cans_step(square @ square, _identity_like(square))
+                square = _cans_step(square @ square, eye)
     return powers.to(A.dtype)
-
-
-def _identity_like(A: Tensor) -> Tensor:
-    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand(A.shape)
 
 
 def orthogonality_error(R: Tensor) -> Tensor:
