@@ -362,16 +362,29 @@ APPLY_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------- entry point
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m liere.bench", description=__doc__.split("\n")[0])
+def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: str) -> argparse.ArgumentParser:
+    """The options both harnesses share: ``--device``, ``--size``, ``--repeats`` (of ``repeated``), ``--json``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=SIZES, help="default: tiny on CPU, real on CUDA")
+    parser.add_argument("--size", choices=sizes, help="default: tiny on CPU, real on CUDA")
+    parser.add_argument("--repeats", type=int, default=5, help=f"timed {repeated} (median reported)")
+    parser.add_argument("--json", help="also write all rows to this JSON file")
+    return parser
+
+
+def write_json(results: dict, path: str | None) -> None:
+    """Write ``results`` to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = bench_parser("python -m liere.bench", __doc__.split("\n")[0], SIZES, "repeats per row")
     parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="exponential block sizes")
     parser.add_argument("--apply-blocks", type=int, nargs="+", default=[2, 8, 64], help="2 = pairs")
     tables = ["exponential", "application"]
     parser.add_argument("--tables", nargs="+", choices=tables, default=tables)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
-    parser.add_argument("--json", help="also write all rows to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -390,9 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["application"] = bench_application(size, device, args.apply_blocks, args.repeats)
         print("## application (baseline: eager RoPE)\n")
         print(markdown_table(results["application"], APPLY_COLUMNS) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, args.json)
     return results
 
 

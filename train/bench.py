@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liere.bench import autocast, default_size, describe, markdown_table, time_ms
+from liere.bench import autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
 from liere.encoding import PositionEncoding, check_positive_int
 from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
@@ -72,6 +71,11 @@ class Setting:
     kind: str  # "vit" or "lm"
     config: dict = field(default_factory=dict)
     batch: int = 1
+
+    @property
+    def encodings(self) -> tuple[str, ...]:
+        """The default encodings of this kind of model; the second is the RoPE baseline of every ratio."""
+        return ENCODINGS_2D if self.kind == "vit" else ENCODINGS_1D
 
 
 def settings(size: str) -> list[Setting]:
@@ -165,6 +169,15 @@ def saved_mib(model: Callable[[Tensor], Tensor], x: Tensor, precision: AbstractC
     return sum(storages.values()) / 2**20
 
 
+def step_variants(args: argparse.Namespace, device: torch.device) -> tuple[bool, ...]:
+    """The ``compiled`` flags of the training steps to build: none for ``--memory-only`` on CPU (saved memory
+    needs no step), eager only for ``--memory-only`` on CUDA (its peak memory), eager and compiled with
+    ``--compile``."""
+    if args.memory_only:
+        return (False,) if device.type == "cuda" else ()
+    return (False, True) if args.compile else (False,)
+
+
 def bench_setting(
     setting: Setting, encodings: Sequence[str], device: torch.device, args: argparse.Namespace
 ) -> list[dict]:
@@ -178,17 +191,14 @@ def bench_setting(
         torch.manual_seed(0)
         model = build_model(setting, encoding).to(device)
         saved[encoding] = saved_mib(model, x, autocast(device, args.bf16))
-        flags = (False,) if args.memory_only else (False, True) if args.compile else (False,)
-        if args.memory_only and device.type != "cuda":
-            flags = ()  # no step to run: on CPU the saved memory above is the only memory measure
-        for compiled in flags:
+        for compiled in step_variants(args, device):
             step = train_step(model, x, y, autocast(device, args.bf16), compiled)
             step()  # warm-up (and compilation)
             peak[(encoding, compiled)] = peak_memory_mb(step, device)
             steps[(encoding, compiled)] = step
     keys = [(e, False) for e in encodings] if args.memory_only else list(steps)
     times = {} if args.memory_only else time_ms(steps, device, args.repeats)
-    baseline = "axial-rope" if setting.kind == "vit" else "rope"
+    baseline = setting.encodings[1]
     rows = []
     for encoding, compiled in keys:
         ms, base_ms = times.get((encoding, compiled)), times.get((baseline, compiled))
@@ -223,9 +233,7 @@ COLUMNS = [
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=("tiny", "real"), help="default: tiny on CPU, real on CUDA")
+    parser = bench_parser("python -m train.bench", __doc__.split("\n")[0], ("tiny", "real"), "steps per model")
     parser.add_argument("--models", nargs="+", help="substrings of model names to keep (default: all)")
     parser.add_argument(
         "--encodings",
@@ -234,11 +242,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "reference and the other collection encodings; the RoPE baseline is always added",
     )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on on CUDA)")
     parser.add_argument("--batch", type=int, help="override every model's batch size (saved memory is linear in it)")
     parser.add_argument("--memory-only", action="store_true", help="measure saved memory only, no timing")
-    parser.add_argument("--json", help="also write all rows to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -246,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print a markdown table, return (and optionally write) the results."""
     args = parse_args(argv)
     device = torch.device(args.device)
-    size = args.size or ("tiny" if default_size(device) == "tiny" else "real")
+    size = args.size or default_size(device)
     results: dict = dict(device=describe(device), size=size, rows=[])
     print(f"# liere model benchmark: {results['device']}, size {size}\n")
     for setting in settings(size):
@@ -254,14 +260,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         if args.batch is not None:
             setting = dataclasses.replace(setting, batch=check_positive_int(args.batch, "--batch"))
-        names = ENCODINGS_2D if setting.kind == "vit" else ENCODINGS_1D
-        baseline = names[1]
-        encodings = list(names) if args.encodings is None else [baseline, *(e for e in args.encodings if e != baseline)]
+        names = setting.encodings
+        encodings = list(names) if args.encodings is None else [names[1], *(e for e in args.encodings if e != names[1])]
         results["rows"] += bench_setting(setting, encodings, device, args)
     print(markdown_table(results["rows"], COLUMNS) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, args.json)
     return results
 
 
