@@ -136,10 +136,15 @@ def _evaluations(root: Path, runs: Sequence[dict[str, Any]]) -> dict[str, list[d
     return found
 
 
+def per_encoding(evals: dict[str, list[dict[str, Any]]], pick: Callable[[dict[str, Any]], Any]) -> dict[str, list]:
+    """``pick(evaluation)`` for each run of each encoding; empty picks and encodings left with none are dropped."""
+    found = {e: [p for x in xs if (p := pick(x))] for e, xs in evals.items()}
+    return {e: picks for e, picks in found.items() if picks}
+
+
 def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
     """Patch-shuffle table (accuracy, shuffled accuracy, drop; mean [CI] over seeds) and its bar plot."""
-    found = {e: [x["shuffle"] for x in xs if "shuffle" in x] for e, xs in evals.items()}
-    found = {e: xs for e, xs in found.items() if xs}
+    found = per_encoding(evals, lambda x: x.get("shuffle"))
     if not found:
         return None
     keys = ("accuracy", "shuffled_accuracy", "drop")
@@ -171,9 +176,7 @@ def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -
     """One table and line plot per extrapolation kind ("resize" images, arrow "canvas"): accuracy vs factor."""
     sections = []
     for kind, title in (("resize", "resized test images"), ("canvas", "larger arrow canvas, same cell size")):
-        records = {e: [rs for x in xs if (rs := [r for r in x.get("extrapolate", []) if r["kind"] == kind])]
-                   for e, xs in evals.items()}  # fmt: skip
-        records = {e: runs for e, runs in records.items() if runs}
+        records = per_encoding(evals, lambda x, kind=kind: [r for r in x.get("extrapolate", []) if r["kind"] == kind])
         if not records:
             continue
         sample = next(iter(records.values()))[0]
@@ -204,8 +207,7 @@ def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -
 
 def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
     """Bits per character vs evaluation length (multiple of the training context): table and line plot."""
-    records = {e: [x["length"] for x in xs if "length" in x] for e, xs in evals.items()}
-    records = {e: runs for e, runs in records.items() if runs}
+    records = per_encoding(evals, lambda x: x.get("length"))
     if not records:
         return None
     sample = next(iter(records.values()))[0]
