@@ -108,3 +108,19 @@ def _memo(coords: Tensor, fact: str, compute: Callable[[], Any]) -> Any:
     if fact not in entry[2]:
         entry[2][fact] = compute()
     return entry[2][fact]
+
+
+class CoordsCache:
+    """The coordinates of the last grid seen (a plain attribute, so not part of any state dict)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._coords: Tensor | None = None
+
+    def __call__(self, shape: Sequence[int], spacing: Sequence[float], device: torch.device) -> Tensor:
+        """``grid_coords(*shape, spacing=spacing)`` on ``device``, recomputed only when an argument changes."""
+        key = (tuple(shape), tuple(spacing), device)
+        if key != self._key:
+            self._coords = grid_coords(*shape, spacing=list(spacing), device=device)
+            self._key = key
+        return self._coords

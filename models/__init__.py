@@ -1,6 +1,6 @@
 """Models that take any ``liere`` encoding: ViT (2D/3D) and a char-level decoder LM.
 
-Adapters for third-party models live in ``models.timm_adapter`` (needs timm); they are not imported here.
+Adapters for timm and x-transformers models live in the library: ``liere.integrations``.
 """
 
 from models.lm import LM_SIZES, CharLM

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from liere import PositionEncoding, Rotations, build, grid_coords, rotary_attention
 from liere.encoding import check_positive_int
@@ -118,19 +118,3 @@ def resolve_encoding(
     if not isinstance(encoding, str):
         raise TypeError(f"encoding must be a spec string such as 'liere8' or a PositionEncoding, got {encoding!r}")
     return build(encoding, head_dim=head_dim, num_axes=num_axes, **sizes, **(options or {}))
-
-
-class CoordsCache:
-    """The coordinates of the last grid seen (a plain attribute, so not part of any state dict)."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._coords: Tensor | None = None
-
-    def __call__(self, shape: Sequence[int], spacing: Sequence[float], device: torch.device) -> Tensor:
-        """``grid_coords(*shape, spacing=spacing)`` on ``device``, recomputed only when an argument changes."""
-        key = (tuple(shape), tuple(spacing), device)
-        if key != self._key:
-            self._coords = grid_coords(*shape, spacing=list(spacing), device=device)
-            self._key = key
-        return self._coords

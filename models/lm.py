@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from liere import PositionEncoding
 from liere.encoding import check_positive_int
-from models.blocks import CoordsCache, Transformer, check_heads, init_weights, resolve_encoding
+from liere.coords import CoordsCache
+from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
 LM_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=128, depth=4, heads=4, context=256),

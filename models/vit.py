@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from liere import PositionEncoding
-from models.blocks import CoordsCache, Transformer, check_heads, init_weights, resolve_encoding
+from liere.coords import CoordsCache
+from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=192, depth=12, heads=3),

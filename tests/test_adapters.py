@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from liere import RoPE, grid_coords
 
 timm = pytest.importorskip("timm")
-from models.timm_adapter import RotaryTimmAttention, liere_timm_vit  # noqa: E402
+from liere.integrations.timm import RotaryTimmAttention, liere_timm_vit  # noqa: E402
 
 TINY_TIMM = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
 
@@ -93,7 +93,7 @@ def test_rope_matches_x_transformers_rotary(rot_dim):
 def x_transformers_adapter():
     """The x-transformers adapter function (skips the test when x-transformers is not installed)."""
     pytest.importorskip("x_transformers")
-    from models.xt_adapter import liere_x_transformers
+    from liere.integrations.x_transformers import liere_x_transformers
 
     return liere_x_transformers
 

@@ -8,8 +8,8 @@ import math
 import torch
 
 from liere import Rotations, skew_expm
-from liere import bench as op_bench
-from train import bench as model_bench
+from bench import ops as op_bench
+from bench import step as model_bench
 
 
 def assert_times(rows: list[dict], keys: tuple[str, ...]) -> None:

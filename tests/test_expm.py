@@ -50,7 +50,7 @@ def test_fp32_accurate_and_orthogonal(b, norm):
 @pytest.mark.parametrize("b", BLOCKS)
 @pytest.mark.parametrize("norm", [100.0, 258.0, 1000.0])
 def test_fp32_large_norms_stay_orthogonal(b, norm):
-    # "exact" (torch.linalg.matrix_exp) drifts past 1e-4 here (see liere.accuracy); these do not
+    # "exact" (torch.linalg.matrix_exp) drifts past 1e-4 here (see bench.accuracy); these do not
     A = random_skew(16, b, norm)
     for method in ["auto", "taylor_cans"] + (["closed"] if b <= 3 else []):
         assert orthogonality_error(skew_expm(A, method)) <= 1e-4, method

@@ -13,7 +13,7 @@ import liere.block_exp
 from liere import ComRoPE, LieRE, Rotations, grid_coords, rotary_attention
 from liere.coords import arithmetic_progression, check_coords
 from liere.expm import orthogonality_error, skew_expm_progression
-from train.bench import saved_mib
+from bench.step import saved_mib
 
 
 def generators(b: int, heads: int = 2) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Accuracy table of ``skew_expm``: ``python -m liere.accuracy [--methods ...] [--blocks ...] [--json PATH]``.
+"""Accuracy table of ``skew_expm``: ``python -m bench.accuracy [--methods ...] [--blocks ...] [--json PATH]``.
 
 For every method, block size ``b``, input dtype and Frobenius norm it exponentiates a seeded stack of 16
 random skew matrices and prints, as a markdown table, ``orth / rel``: the max ``|R^T R - I|`` (``R`` upcast
@@ -77,7 +77,7 @@ def markdown(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + ("auto",))
     parser.add_argument("--blocks", nargs="+", type=int, default=[2, 3, 4, 8, 16, 64])
     parser.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, rotary_attention
 from liere.factory import build, parse_spec
-from models.blocks import CoordsCache
+from liere.coords import CoordsCache
 
 
 class RotationsForward:

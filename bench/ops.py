@@ -1,4 +1,4 @@
-"""Op-level speed benchmark: ``python -m liere.bench [--size tiny|small|real] [--device cpu|cuda] [--json PATH]``.
+"""Op-level speed benchmark: ``python -m bench.ops [--size tiny|small|real] [--device cpu|cuda] [--json PATH]``.
 
 Two markdown tables; every row carries its time relative to a baseline timed in the same run:
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.common import add_ratios, autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
 from liere.coords import grid_coords
 from liere.expm import orthogonality_error, skew_expm, skew_expm_progression
 from liere.lie import LieRE
@@ -37,70 +38,6 @@ SIZES = ("tiny", "small", "real")
 HEAD_DIM = 64
 BLOCKS = (2, 3, 4, 8, 16, 64)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------- shared utilities
-def default_size(device: torch.device) -> str:
-    return "real" if device.type == "cuda" else "tiny"
-
-
-def time_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """Median wall time in milliseconds of each ``fns[name]()``, after one warm-up call each.
-
-    The functions are timed round-robin, so machine noise hits all of them alike and their ratios stay
-    meaningful on a shared machine. On CUDA, CUDA events time the device work.
-    """
-    cuda = device.type == "cuda"
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(repeats + 1):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                elapsed = (time.perf_counter() - t0) * 1e3
-            if rep:  # rep 0 is the warm-up
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def autocast(device: torch.device, bf16: bool = False) -> AbstractContextManager:
-    """bf16 autocast on CUDA, and on CPU when ``bf16``; else nothing (CPU rows are fp32 by default)."""
-    on = device.type == "cuda" or bf16
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """Markdown table of ``rows`` with ``(key, header)`` columns; floats printed with 3 significant digits."""
-
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.3g}"
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def add_ratios(rows: list[dict], key: Callable[[dict], object], is_baseline: Callable[[dict], bool]) -> None:
-    """Set ``<t>_ratio = <t>_ms / baseline <t>_ms`` for ``t`` in fwd/fwdbwd, the baseline sharing ``key(row)``."""
-    base = {key(r): r for r in rows if is_baseline(r)}
-    for r in rows:
-        for t in ("fwd", "fwdbwd"):
-            r[f"{t}_ratio"] = r[f"{t}_ms"] / base[key(r)][f"{t}_ms"]
-
-
-def describe(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    return f"{name}, torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------- exponential
@@ -362,25 +299,8 @@ APPLY_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------- entry point
-def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: str) -> argparse.ArgumentParser:
-    """The options both harnesses share: ``--device``, ``--size``, ``--repeats`` (of ``repeated``), ``--json``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=sizes, help="default: tiny on CPU, real on CUDA")
-    parser.add_argument("--repeats", type=int, default=5, help=f"timed {repeated} (median reported)")
-    parser.add_argument("--json", help="also write all rows to this JSON file")
-    return parser
-
-
-def write_json(results: dict, path: str | None) -> None:
-    """Write ``results`` to ``path`` (nothing when None)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser("python -m liere.bench", __doc__.split("\n")[0], SIZES, "repeats per row")
+    parser = bench_parser("python -m bench.ops", __doc__.split("\n")[0], SIZES, "repeats per row")
     parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="exponential block sizes")
     parser.add_argument("--apply-blocks", type=int, nargs="+", default=[2, 8, 64], help="2 = pairs")
     tables = ["exponential", "application"]

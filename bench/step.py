@@ -1,4 +1,4 @@
-"""Model-level speed benchmark: ``python -m train.bench [--size tiny|real] [--device cpu|cuda] [--json PATH]``.
+"""Model-level speed benchmark: ``python -m bench.step [--size tiny|real] [--device cpu|cuda] [--json PATH]``.
 
 Times one training step (forward, backward, AdamW step; bf16 autocast on CUDA, fp32 on CPU) of ViT-S/16 at
 224 px, the paper's CIFAR setting (ViT-B, 32 px, patch 4) and the char-LM (6 layers, width 512, 8 heads,
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liere.bench import autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
+from bench.common import autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
 from liere.encoding import PositionEncoding, check_positive_int
 from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
@@ -233,7 +233,7 @@ COLUMNS = [
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser("python -m train.bench", __doc__.split("\n")[0], ("tiny", "real"), "steps per model")
+    parser = bench_parser("python -m bench.step", __doc__.split("\n")[0], ("tiny", "real"), "steps per model")
     parser.add_argument("--models", nargs="+", help="substrings of model names to keep (default: all)")
     parser.add_argument(
         "--encodings",
