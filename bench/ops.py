@@ -16,12 +16,8 @@ times come from CUDA events, and peak memory from ``torch.cuda.max_memory_alloca
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch

@@ -6,12 +6,9 @@ identity rotations of additive encodings make the same code path serve every fac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from torch import Tensor, nn
 
-import torch
-from torch import nn
-
-from liere import PositionEncoding, Rotations, build, grid_coords, rotary_attention
+from liere import PositionEncoding, Rotations, build, rotary_attention
 from liere.encoding import check_positive_int
 
 

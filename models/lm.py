@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liere import PositionEncoding
-from liere.encoding import check_positive_int
 from liere.coords import CoordsCache
+from liere.encoding import check_positive_int
 from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
 LM_SIZES: dict[str, dict[str, int]] = {

@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from liere import Rotations, skew_expm
 from bench import ops as op_bench
 from bench import step as model_bench
+from liere import Rotations, skew_expm
 
 
 def assert_times(rows: list[dict], keys: tuple[str, ...]) -> None:

@@ -10,10 +10,10 @@ import scipy.linalg
 import torch
 
 import liere.block_exp
+from bench.step import saved_mib
 from liere import ComRoPE, LieRE, Rotations, grid_coords, rotary_attention
 from liere.coords import arithmetic_progression, check_coords
 from liere.expm import orthogonality_error, skew_expm_progression
-from bench.step import saved_mib
 
 
 def generators(b: int, heads: int = 2) -> torch.Tensor:

@@ -23,8 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, rotary_attention
-from liere.factory import build, parse_spec
 from liere.coords import CoordsCache
+from liere.factory import build, parse_spec
 
 
 class RotationsForward:
