@@ -18,7 +18,7 @@ config = preset_config("smoke", "digits", encoding="liere8", steps=100, batch_si
 summary = train(config, sys.argv[1], quiet=True)
 rank = os.environ["RANK"]
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-    json.dump({"sha": summary["state_sha256"], "world_size": summary["world_size"], "test": summary["test"]}, f)
+    json.dump({"sha": summary.state_sha256, "world_size": summary.world_size, "test": summary.test}, f)
 """
 
 

@@ -25,9 +25,9 @@ def test_image_loss_falls_and_log_written(tmp_path):
     assert losses[-1] < losses[0] - 0.2
     assert [r["step"] for r in records if "val_accuracy" in r] == [50, 100]
     assert {"step", "loss", "lr", "images_per_s"} <= records[0].keys()
-    assert summary["test"]["accuracy"] > 0.2  # chance is 0.1
-    assert summary["params"] == sum(p.numel() for p in torch.load(tmp_path / "last.pt")["model"].values())
-    assert summary["step_time_ms"] > 0 and summary["peak_memory_kind"] == "cpu_rss"
+    assert summary.test["accuracy"] > 0.2  # chance is 0.1
+    assert summary.params == sum(p.numel() for p in torch.load(tmp_path / "last.pt")["model"].values())
+    assert summary.step_time_ms > 0 and summary.peak_memory_kind == "cpu_rss"
 
 
 def test_lm_loss_falls(tmp_path):
@@ -35,7 +35,7 @@ def test_lm_loss_falls(tmp_path):
     summary = train(config, tmp_path, quiet=True)
     losses = _losses(tmp_path)
     assert losses[-1] < losses[0] - 0.5
-    assert summary["metric"] == "bpc" and summary["val"]["bpc"] == pytest.approx(summary["val"]["loss"] / math.log(2))
+    assert summary.metric == "bpc" and summary.val["bpc"] == pytest.approx(summary.val["loss"] / math.log(2))
     assert "tokens_per_s" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
 
 
