@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import ab, checkpoint, machine, report
+from train import ab, checkpoint, loop, machine, report
 from train import run_dir as layout
 from train.loop import Diverged, train
 from train.presets import preset_config
@@ -34,6 +34,16 @@ def _config(**changes):
 
 class Crash(Exception):
     """Raised by a hook to stop a run mid-way, as a crash would (checkpoints so far stay)."""
+
+
+def ctrl_c(config, step: int):
+    """A hook pressing Ctrl-C at ``step`` of the liere8 run."""
+
+    def hook(at: int, model) -> None:
+        if config.encoding == "liere8" and at == step:
+            raise KeyboardInterrupt
+
+    return hook
 
 
 def crash_at(step: int):
@@ -250,3 +260,24 @@ def test_threads_and_cpu_are_chosen_and_recorded(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--threads"):
         machine.choose_threads("0")
     assert machine.cpu_model()
+
+
+def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # pytest's stderr is no terminal: lines, not a bar
+    train(_config(steps=12), tmp_path)
+    out = capsys.readouterr().out
+    assert "ms/step over the first 10 steps, about " in out and " left for 2 steps" in out
+    assert "step 12/12, loss " in out and "ETA 0m00s" in out
+
+
+def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ab"
+    args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8"]
+    monkeypatch.setattr(ab, "train", lambda config, *a, **k: train(config, *a, **k, hooks=[ctrl_c(config, 20)]))
+    with pytest.raises(KeyboardInterrupt):
+        ab.main(args)
+    monkeypatch.undo()
+    assert f"--out {out} --resume" in capsys.readouterr().err
+    results = ab.main([*args, "--resume"])  # continues: the finished run is reused
+    assert [r.encoding for r in results.runs] == ["none", "liere8"] and results.threads == torch.get_num_threads()
+    assert results.cpu == machine.cpu_model() and AbResults.load(out).threads == results.threads
