@@ -216,6 +216,14 @@ def test_fresh_run_into_a_used_folder_is_refused_before_loading_data(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "--resume" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_fresh_ab_into_a_used_folder_is_refused_before_loading_data(tmp_path, capsys):
+    (tmp_path / "none-s0").mkdir()
+    (tmp_path / "none-s0" / layout.LAST).write_bytes(b"")
+    with pytest.raises(FileExistsError, match="--resume"):
+        ab.main(["--preset", "smoke", "--task", "digits", "--out", str(tmp_path), "--encodings", "none"])
+    assert "[data]" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- CLIs
 
 

@@ -467,7 +467,7 @@ def train(
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"--on-nonfinite: expected one of {ON_NONFINITE}, got {on_nonfinite!r}")
-    run_dir = Path(run_dir)
+    run_dir, started = Path(run_dir), time.perf_counter()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device, ddp_timeout)
     if rank == 0:
@@ -480,6 +480,7 @@ def train(
             torch.cuda.reset_peak_memory_stats(device)
         task = load_task(config) if task is None else task
         run = restore(config, run_dir, task, resume, device, rank, world)
+        run.wall_start = started
         try:
             divergence = _loop(run, quiet, on_nonfinite, hooks, die_at_step)
         except RuntimeError as err:
