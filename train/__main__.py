@@ -18,8 +18,9 @@ from train.summaries import RunSummary
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--task", default="arrow", help="dataset name as in train.data.load_dataset (default: arrow)")
     p.add_argument(
         "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
@@ -45,15 +46,30 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
     """Parse ``argv``, train, print the summary's metrics and return the summary."""
     args = parser().parse_args(argv)
     config = preset_config(
-        args.preset, args.task, encoding=args.encoding, seed=args.seed, device=args.device, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        args.preset,
+        args.task,
+        encoding=args.encoding,
+        seed=args.seed,
+        device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        ckpt_every=args.ckpt_every,
         compile=args.compile or None,
-    )  # fmt: skip
+    )
     threads = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if int(os.environ.get("RANK", "0")) == 0:
         print(threads, flush=True)
-    summary = train(config, args.out, resume=args.resume, quiet=args.quiet, on_nonfinite=args.on_nonfinite,
-                    ddp_timeout=args.ddp_timeout, die_at_step=args.die_at_step)  # fmt: skip
+    summary = train(
+        config,
+        args.out,
+        resume=args.resume,
+        quiet=args.quiet,
+        on_nonfinite=args.on_nonfinite,
+        ddp_timeout=args.ddp_timeout,
+        die_at_step=args.die_at_step,
+    )
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
     print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary

@@ -178,16 +178,24 @@ def _finished(run_dir: Path, config_hash: str) -> RunSummary | None:
     return summary if summary.config_hash == config_hash else None
 
 
-def _train_or_reuse(config: RunConfig, run_dir: Path, task: Task, args: argparse.Namespace, world: int
-                    ) -> tuple[RunSummary, bool]:  # fmt: skip
+def _train_or_reuse(
+    config: RunConfig, run_dir: Path, task: Task, args: argparse.Namespace, world: int
+) -> tuple[RunSummary, bool]:
     """``(summary, reused)``: a finished run's summary under ``--resume``, else train it (a diverged run gives
     its diverged summary)."""
     done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
     if done is not None:
         return done, True
     try:
-        return train(config, run_dir, task=task, resume=args.resume, quiet=args.quiet, on_nonfinite=args.on_nonfinite,
-                     ddp_timeout=args.ddp_timeout), False  # fmt: skip
+        return train(
+            config,
+            run_dir,
+            task=task,
+            resume=args.resume,
+            quiet=args.quiet,
+            on_nonfinite=args.on_nonfinite,
+            ddp_timeout=args.ddp_timeout,
+        ), False
     except Diverged as err:
         print(f"[ab] {config.encoding} seed {config.seed}: {err}", file=sys.stderr, flush=True)
         return err.summary, False
@@ -198,8 +206,11 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     args = parser().parse_args(argv)
     wall_start = time.perf_counter()
     seeds = parse_seeds(args.seeds)
-    encodings = [e.strip() for e in (args.encodings or (TEXT_ENCODINGS if is_text(args.task) else IMAGE_ENCODINGS))
-                 .split(",") if e.strip()]  # fmt: skip
+    encodings = [
+        e.strip()
+        for e in (args.encodings or (TEXT_ENCODINGS if is_text(args.task) else IMAGE_ENCODINGS)).split(",")
+        if e.strip()
+    ]
     names = [run_name(e, 0) for e in encodings]
     if not encodings or len(set(names)) != len(names):
         raise ValueError(f"--encodings: give distinct specs (folder names must differ), got {args.encodings!r}")
@@ -211,9 +222,17 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         raise ValueError(f"--data-fractions: fractions must be in (0, 1], got {args.data_fractions!r}")
     if args.reference is not None and args.reference not in encodings:
         raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
-    base = preset_config(args.preset, args.task, encoding=encodings[0], device=args.device, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, compile=args.compile or None,
-                         eval_samples=args.eval_samples)  # fmt: skip
+    base = preset_config(
+        args.preset,
+        args.task,
+        encoding=encodings[0],
+        device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        compile=args.compile or None,
+        eval_samples=args.eval_samples,
+    )
     threads = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     rank, world = init_distributed(resolve_device(args.device), args.ddp_timeout)
     out = Path(_shared(str(_run_folder(args))))
@@ -221,12 +240,17 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         check_out_folder(out, args.resume)
     with layout.RunLock(out) if rank == 0 else contextlib.nullcontext():
         try:
-            results = _run_all(args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples),
-                               rank, world, threads)  # fmt: skip
+            results = _run_all(
+                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world, threads
+            )
         except (Exception, KeyboardInterrupt):
             if rank == 0:
-                print(f"\n[ab] stopped before the end; finished runs are kept in {out}. Continue with the same "
-                      f"command plus: --out {out} --resume", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"\n[ab] stopped before the end; finished runs are kept in {out}. Continue with the same "
+                    f"command plus: --out {out} --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
     results.wall_time_s += time.perf_counter() - wall_start
     if rank == 0:
@@ -237,11 +261,25 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     return results
 
 
-def _run_all(args: argparse.Namespace, base: RunConfig, out: Path, encodings: list[str], seeds: list[int],
-             fractions: list[float], evaluation: tuple, rank: int, world: int, threads: str) -> AbResults:  # fmt: skip
+def _run_all(
+    args: argparse.Namespace,
+    base: RunConfig,
+    out: Path,
+    encodings: list[str],
+    seeds: list[int],
+    fractions: list[float],
+    evaluation: tuple,
+    rank: int,
+    world: int,
+    threads: str,
+) -> AbResults:
     """Train (or reuse, under --resume) every run and evaluate the main-fraction ones."""
-    configs = {(e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
-               for f in fractions for e in encodings for s in seeds}  # fmt: skip
+    configs = {
+        (e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
+        for f in fractions
+        for e in encodings
+        for s in seeds
+    }
     task = load_task(base)
     check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:
@@ -269,16 +307,31 @@ def _run_all(args: argparse.Namespace, base: RunConfig, out: Path, encodings: li
         if index < len(configs) and not reused:
             pace = (time.perf_counter() - started) / trained
             left = len(configs) - index
-            print(f"[ab] about {format_duration(pace * left)} left for {left} more run(s) at the pace so far "
-                  "(larger encodings take longer)", flush=True)  # fmt: skip
+            print(
+                f"[ab] about {format_duration(pace * left)} left for {left} more run(s) at the pace so far "
+                "(larger encodings take longer)",
+                flush=True,
+            )
     first = runs[0]
     return AbResults(
-        task=args.task, preset=args.preset, encodings=encodings, seeds=seeds, fractions=fractions,
-        evaluations=evaluation[0], metric=first.metric, higher_is_better=first.higher_is_better,
-        data_source=task.source, device=first.device, world_size=first.world_size, torch_version=torch.__version__,
-        base_config=base.to_dict(), runs=runs, wall_time_s=earlier, threads=torch.get_num_threads(),
+        task=args.task,
+        preset=args.preset,
+        encodings=encodings,
+        seeds=seeds,
+        fractions=fractions,
+        evaluations=evaluation[0],
+        metric=first.metric,
+        higher_is_better=first.higher_is_better,
+        data_source=task.source,
+        device=first.device,
+        world_size=first.world_size,
+        torch_version=torch.__version__,
+        base_config=base.to_dict(),
+        runs=runs,
+        wall_time_s=earlier,
+        threads=torch.get_num_threads(),
         cpu=machine.cpu_model(),
-    )  # fmt: skip
+    )
 
 
 def _write(out: Path, results: AbResults, reference: str | None) -> None:
@@ -288,8 +341,11 @@ def _write(out: Path, results: AbResults, reference: str | None) -> None:
     layout.write_json(out / layout.RESULTS_JSON, results.to_dict())
     layout.write_text(out / layout.RESULTS_MD, results.table + "\n")
     report.write_report(out, reference)
-    print(f"\n{results.table}\n\ndata: {results.data_source}\ndevice: {results.device}, "
-          f"wall time {results.wall_time_s:.0f} s (all parts of the run)\nwritten to {out}", flush=True)  # fmt: skip
+    print(
+        f"\n{results.table}\n\ndata: {results.data_source}\ndevice: {results.device}, "
+        f"wall time {results.wall_time_s:.0f} s (all parts of the run)\nwritten to {out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -59,9 +59,14 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
-    }  # fmt: skip
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -104,8 +109,14 @@ def checksum(state: dict[str, Any]) -> str:
 def bundle(config: dict[str, Any], model_spec: dict[str, Any], **state: Any) -> dict[str, Any]:
     """A checkpoint dict: ``state`` (step, model, optimizer, ...) plus format version, config, hash, RNG states and
     the checksum of it all."""
-    full = dict(format_version=FORMAT_VERSION, config=config, config_hash=config_hash(config), rng=rng_state(),
-                model_spec=model_spec, **state)  # fmt: skip
+    full = dict(
+        format_version=FORMAT_VERSION,
+        config=config,
+        config_hash=config_hash(config),
+        rng=rng_state(),
+        model_spec=model_spec,
+        **state,
+    )
     return full | {"checksum": checksum(full)}
 
 
@@ -197,8 +208,9 @@ def check_config(path: str | Path, state: dict[str, Any], config: dict[str, Any]
         return
     saved = state["config"]
     keys = sorted(saved.keys() | config.keys())
-    diffs = [f"{k}: {saved.get(k)!r} in checkpoint vs {config.get(k)!r} now" for k in keys
-             if saved.get(k) != config.get(k)]  # fmt: skip
+    diffs = [
+        f"{k}: {saved.get(k)!r} in checkpoint vs {config.get(k)!r} now" for k in keys if saved.get(k) != config.get(k)
+    ]
     raise CheckpointError(f"checkpoint {path} belongs to a different run; mismatched config: " + "; ".join(diffs))
 
 

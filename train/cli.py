@@ -27,15 +27,26 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the training commands (``train``, ``train.ab``)."""
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads: a number, or auto (idle cores: cores minus the load average;\n"
-                        "an explicit OMP_NUM_THREADS is kept). Default: auto")  # fmt: skip
-    p.add_argument("--on-nonfinite", default="stop", choices=("stop", "skip"),
-                   help="a non-finite loss or gradient: stop the run (default, reported as diverged),\n"
-                        "or skip that optimizer step (logged in metrics.jsonl and counted in the summary)")  # fmt: skip
-    p.add_argument("--ddp-timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a collective waits for a silent rank before the job\n"
-                        "fails naming it (default: 600)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads: a number, or auto (idle cores: cores minus the load average;\n"
+        "an explicit OMP_NUM_THREADS is kept). Default: auto",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        default="stop",
+        choices=("stop", "skip"),
+        help="a non-finite loss or gradient: stop the run (default, reported as diverged),\n"
+        "or skip that optimizer step (logged in metrics.jsonl and counted in the summary)",
+    )
+    p.add_argument(
+        "--ddp-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a collective waits for a silent rank before the job\n"
+        "fails naming it (default: 600)",
+    )
     add_common_options(p)
 
 

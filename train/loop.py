@@ -218,8 +218,9 @@ class Progress:
     def __init__(self, config: RunConfig, start: int, enabled: bool) -> None:
         self.name, self.total, self.start = f"{config.task} {config.encoding} s{config.seed}", config.steps, start
         tty = sys.stderr.isatty()
-        self.bar = tqdm(total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name,
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name, dynamic_ncols=True
+        )
         self.lines = enabled and not tty
         self.t0 = self.last = time.perf_counter()
         self.estimated, self.loss = False, float("nan")
@@ -234,12 +235,18 @@ class Progress:
         eta = format_duration(per_step * (self.total - step))
         if not self.estimated and done == 2 * TIMING_WARMUP and step < self.total:
             self.estimated = True
-            print(f"[train] {self.name}: {1000 * per_step:.0f} ms/step over the first {done} steps, "
-                  f"about {eta} left for {self.total - step} steps (plus evaluations)", flush=True)  # fmt: skip
+            print(
+                f"[train] {self.name}: {1000 * per_step:.0f} ms/step over the first {done} steps, "
+                f"about {eta} left for {self.total - step} steps (plus evaluations)",
+                flush=True,
+            )
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
-            print(f"[train] {self.name}: step {step}/{self.total}, loss {self.loss:.4f}, "
-                  f"{1000 * per_step:.0f} ms/step, ETA {eta}", flush=True)  # fmt: skip
+            print(
+                f"[train] {self.name}: step {step}/{self.total}, loss {self.loss:.4f}, "
+                f"{1000 * per_step:.0f} ms/step, ETA {eta}",
+                flush=True,
+            )
 
     def postfix(self, **values: str) -> None:
         self.bar.set_postfix(**values)
@@ -282,9 +289,18 @@ class Run:
         """Checkpoint (rank 0): everything ``restore`` needs to continue bitwise identically."""
         path = self.run_dir / layout.LAST
         if self.rank == 0:
-            state = dict(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         scheduler=self.scheduler.state_dict(), timing=self.timing, loss=self.loss, val=self.val,
-                         window=self.window, wall_time_s=self.wall_time(), skipped=self.skipped)  # fmt: skip
+            state = dict(
+                step=self.step,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                timing=self.timing,
+                loss=self.loss,
+                val=self.val,
+                window=self.window,
+                wall_time_s=self.wall_time(),
+                skipped=self.skipped,
+            )
             checkpoint.save(path, checkpoint.bundle(self.guard, self.task.model_spec, **state))
         self.saved = (str(path), self.step)
 
@@ -298,8 +314,9 @@ def check_folder(run_dir: Path, resume: bool) -> None:
         )
 
 
-def restore(config: RunConfig, run_dir: Path, task: Task, resume: bool, device: torch.device, rank: int,
-            world: int) -> Run:  # fmt: skip
+def restore(
+    config: RunConfig, run_dir: Path, task: Task, resume: bool, device: torch.device, rank: int, world: int
+) -> Run:
     """Build model, optimizer and schedule; with ``resume`` load the newest valid checkpoint of ``run_dir``."""
     guard = run_guard(config, world)
     torch.manual_seed(config.seed)
@@ -317,8 +334,13 @@ def restore(config: RunConfig, run_dir: Path, task: Task, resume: bool, device: 
         checkpoint.load_state_dict(path, optimizer, state["optimizer"], "optimizer")
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        saved = dict(step=state["step"], timing=state["timing"], loss=state["loss"], val=state["val"],
-                     saved=(str(path), state["step"]))  # fmt: skip
+        saved = dict(
+            step=state["step"],
+            timing=state["timing"],
+            loss=state["loss"],
+            val=state["val"],
+            saved=(str(path), state["step"]),
+        )
         saved |= {k: state[k] for k in ("window", "skipped") if k in state}  # absent in format-1 checkpoints
         saved["wall_before"] = state.get("wall_time_s", 0.0)
         if rank == 0:
@@ -371,8 +393,14 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, on_nonfinite: str = "
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         run.step, run.skipped = step, run.skipped + 1
-        run.log.write({"step": step, "skipped_nonfinite": 1, "nonfinite_loss": str(loss_value),
-                       "nonfinite_grad_norm": str(norm_value)})  # fmt: skip
+        run.log.write(
+            {
+                "step": step,
+                "skipped_nonfinite": 1,
+                "nonfinite_loss": str(loss_value),
+                "nonfinite_grad_norm": str(norm_value),
+            }
+        )
         if run.rank == 0:
             print(f"warning: step {step}: skipped (loss {loss_value}, gradient norm {norm_value})", file=sys.stderr)
         return None
@@ -383,8 +411,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, on_nonfinite: str = "
     if step - run.process_start > TIMING_WARMUP:
         run.timing = {"seconds": run.timing["seconds"] + elapsed, "steps": run.timing["steps"] + 1}
     w = run.window
-    run.window = {"loss": w["loss"] + loss_value, "steps": w["steps"] + 1, "items": w["items"] + run.task.items(y),
-                  "seconds": w["seconds"] + elapsed}  # fmt: skip
+    run.window = {
+        "loss": w["loss"] + loss_value,
+        "steps": w["steps"] + 1,
+        "items": w["items"] + run.task.items(y),
+        "seconds": w["seconds"] + elapsed,
+    }
     return None
 
 
@@ -503,8 +535,9 @@ def _timeout_error(run: Run, timeout_s: float) -> RankTimeout:
     )
 
 
-def _loop(run: Run, quiet: bool, on_nonfinite: str, hooks: Sequence[StepHook], die_at_step: int | None
-          ) -> Divergence | None:  # fmt: skip
+def _loop(
+    run: Run, quiet: bool, on_nonfinite: str, hooks: Sequence[StepHook], die_at_step: int | None
+) -> Divergence | None:
     """The step loop from ``run.step`` to ``config.steps``; the divergence that stopped it, if any."""
     config = run.config
     run.process_start = run.step

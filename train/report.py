@@ -29,8 +29,19 @@ from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.summaries import AbResults, AbRun
 
 EVALUATION_FILE, CORRECT_FILE = layout.EVALUATION, layout.CORRECT  # per run folder, written by train.evaluate
-SETTINGS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "eval_samples",
-            "data_seed", "data_options", "model_options")  # fmt: skip
+SETTINGS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "grad_clip",
+    "eval_samples",
+    "data_seed",
+    "data_options",
+    "model_options",
+)
 METRIC_FORMATS = {"accuracy": (100.0, 1, " (%)")}  # metric -> (table scale, digits, unit); others: (1, 3, "")
 
 
@@ -108,13 +119,19 @@ def _row(encoding: str, mine: Sequence[AbRun]) -> Row:
     values = [] if diverged else [r.test[r.metric] for r in mine]
     ci = bootstrap_ci(values) if values else None
     return Row(
-        encoding=encoding, params=mine[0].params, seeds=[r.seed for r in mine], values=values,
-        mean=ci and ci.mean, low=ci and ci.low, high=ci and ci.high,
+        encoding=encoding,
+        params=mine[0].params,
+        seeds=[r.seed for r in mine],
+        values=values,
+        mean=ci and ci.mean,
+        low=ci and ci.low,
+        high=ci and ci.high,
         std=(statistics.stdev(values) if len(values) > 1 else 0.0) if values else None,
         val_mean=None if diverged else statistics.fmean(r.val[r.metric] for r in mine),
         step_time_ms=statistics.fmean(r.step_time_ms for r in mine),
-        peak_memory_mb=max(r.peak_memory_mb for r in mine), diverged=diverged,
-    )  # fmt: skip
+        peak_memory_mb=max(r.peak_memory_mb for r in mine),
+        diverged=diverged,
+    )
 
 
 def summarize(results: AbResults, root: str | Path, reference: str | None = None) -> list[Row]:
@@ -133,8 +150,9 @@ def summarize(results: AbResults, root: str | Path, reference: str | None = None
         if row is ref or not shared:
             continue
         if 2 <= len(shared) <= 16:  # one seed has no spread to test against
-            row.p_seeds = sign_flip_test(*([v for s, v in zip(r.seeds, r.values, strict=True) if s in shared]
-                                           for r in (row, ref)))  # fmt: skip
+            row.p_seeds = sign_flip_test(
+                *([v for s, v in zip(r.seeds, r.values, strict=True) if s in shared] for r in (row, ref))
+            )
         a, b = (_correct(root, [r for r in runs if r.encoding == e.encoding and r.seed in shared]) for e in (row, ref))
         if a is not None and b is not None and len(a) == len(b):
             row.p_mcnemar = mcnemar_test(a.tolist(), b.tolist())
@@ -154,18 +172,36 @@ def _main_cells(r: Row, scale: float, digits: int) -> list[str]:
         seeds = ", ".join(f"s{s}" for s in r.diverged)
         return [f"diverged ({seeds})", "—", "—", "—", "—"]
     delta = "ref" if r.encoding == r.reference else ("—" if r.delta is None else f"{scale * r.delta:+.{digits}f}")
-    return [r.interval.format(digits, scale), delta, _p(r.p_seeds), _p(r.p_mcnemar),
-            f"{scale * r.val_mean:.{digits}f}"]  # fmt: skip
+    return [r.interval.format(digits, scale), delta, _p(r.p_seeds), _p(r.p_mcnemar), f"{scale * r.val_mean:.{digits}f}"]
 
 
 def main_table(rows: Sequence[Row], metric: str, memory_kind: str) -> str:
     """Markdown table of ``summarize`` rows: metric mean [95% CI], Δ and p-values vs the reference, cost."""
     scale, digits, unit = metric_format(metric)
     memory = "peak GPU MiB" if memory_kind == "cuda_allocated" else "process peak RSS MiB"
-    header = ["encoding", "params", f"test {metric}{unit} [95% CI]", "Δ vs ref", "p (seeds)", "p (McNemar)",
-              f"val {metric}{unit}", "step ms", "x first", memory]  # fmt: skip
-    body = [[r.encoding, f"{r.params:,}", *_main_cells(r, scale, digits), f"{r.step_time_ms:.1f}",
-             f"{r.step_time_ratio:.2f}", f"{r.peak_memory_mb:.0f}"] for r in rows]  # fmt: skip
+    header = [
+        "encoding",
+        "params",
+        f"test {metric}{unit} [95% CI]",
+        "Δ vs ref",
+        "p (seeds)",
+        "p (McNemar)",
+        f"val {metric}{unit}",
+        "step ms",
+        "x first",
+        memory,
+    ]
+    body = [
+        [
+            r.encoding,
+            f"{r.params:,}",
+            *_main_cells(r, scale, digits),
+            f"{r.step_time_ms:.1f}",
+            f"{r.step_time_ratio:.2f}",
+            f"{r.peak_memory_mb:.0f}",
+        ]
+        for r in rows
+    ]
     return markdown_table(header, body, "lrrrrrrrrr")
 
 
@@ -185,8 +221,9 @@ def per_encoding(evals: dict[str, list[dict[str, Any]]], pick: Callable[[dict[st
     return {e: picks for e, picks in found.items() if picks}
 
 
-def _grouped(records: dict[str, list[list[dict[str, Any]]]], key: Callable[[dict], Any], value: str
-             ) -> dict[str, dict[Any, Interval]]:  # fmt: skip
+def _grouped(
+    records: dict[str, list[list[dict[str, Any]]]], key: Callable[[dict], Any], value: str
+) -> dict[str, dict[Any, Interval]]:
     """Per series name ``encoding`` -> {key(record): CI of ``value`` over the encoding's runs}."""
     out: dict[str, dict[Any, Interval]] = {}
     for encoding, per_run in records.items():
@@ -213,12 +250,17 @@ def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str |
     cis = {e: {k: bootstrap_ci([x[k] for x in xs]) for k in SHUFFLE_KEYS} for e, xs in found.items()}
     body = [[e, *(c[k].format(1, 100) for k in SHUFFLE_KEYS)] for e, c in cis.items()]
     table = markdown_table(["encoding", "accuracy (%)", "shuffled accuracy (%)", "drop (points)"], body, "lrrr")
-    groups = {"unshuffled": [c["accuracy"] for c in cis.values()],
-              "patches shuffled": [c["shuffled_accuracy"] for c in cis.values()]}  # fmt: skip
-    plots.ci_bars(list(cis), groups, "test accuracy", "patch-shuffle diagnostic (95% CI over seeds)",
-                  root / "shuffle.png")  # fmt: skip
-    intro = ("Test accuracy when each test image's patches (tubelets for clips) are permuted with a fixed "
-             "seeded permutation per image; a large drop means the model uses patch positions.")  # fmt: skip
+    groups = {
+        "unshuffled": [c["accuracy"] for c in cis.values()],
+        "patches shuffled": [c["shuffled_accuracy"] for c in cis.values()],
+    }
+    plots.ci_bars(
+        list(cis), groups, "test accuracy", "patch-shuffle diagnostic (95% CI over seeds)", root / "shuffle.png"
+    )
+    intro = (
+        "Test accuracy when each test image's patches (tubelets for clips) are permuted with a fixed "
+        "seeded permutation per image; a large drop means the model uses patch positions."
+    )
     return _section("Patch-shuffle diagnostic", intro, table, "shuffle.png", "patch shuffle")
 
 
@@ -262,11 +304,18 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | 
     sample = next(iter(records.values()))[0]
     multiples, lengths = [r["multiple"] for r in sample], {r["multiple"]: r["length"] for r in sample}
     cis = _grouped(records, lambda r: r["multiple"], "bpc")
-    table = markdown_table(["encoding", *(f"{m}x ({lengths[m]} tokens)" for m in multiples)],
-                           [[e, *(c[m].format(3) for m in multiples)] for e, c in cis.items()],
-                           "l" + "r" * len(multiples))  # fmt: skip
-    plots.ci_lines({e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()}, "context multiple",
-                   "test bits per character", "length extrapolation", root / "length.png")  # fmt: skip
+    table = markdown_table(
+        ["encoding", *(f"{m}x ({lengths[m]} tokens)" for m in multiples)],
+        [[e, *(c[m].format(3) for m in multiples)] for e, c in cis.items()],
+        "l" + "r" * len(multiples),
+    )
+    plots.ci_lines(
+        {e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()},
+        "context multiple",
+        "test bits per character",
+        "length extrapolation",
+        root / "length.png",
+    )
     intro = "Test bits per character (lower is better) in windows of 1x, 2x, ... the training context."
     return _section("Length extrapolation", intro, table, "length.png", "length extrapolation")
 
@@ -278,17 +327,33 @@ def fraction_section(results: AbResults, root: Path) -> str | None:
         return None
     metric = results.metric
     scale, digits, unit = metric_format(metric)
-    records = {e: [[{"fraction": r.fraction, metric: r.test[metric]}] for r in results.runs
-                   if r.encoding == e and not r.diverged] for e in results.encodings}  # fmt: skip
+    records = {
+        e: [
+            [{"fraction": r.fraction, metric: r.test[metric]}]
+            for r in results.runs
+            if r.encoding == e and not r.diverged
+        ]
+        for e in results.encodings
+    }
     cis = _grouped({e: rs for e, rs in records.items() if rs}, lambda r: r["fraction"], metric)
     cell = {e: [c[f].format(digits, scale) if f in c else "diverged" for f in fractions] for e, c in cis.items()}
-    table = markdown_table(["encoding", *(f"{f:g}" for f in fractions)], [[e, *cells] for e, cells in cell.items()],
-                           "l" + "r" * len(fractions))  # fmt: skip
+    table = markdown_table(
+        ["encoding", *(f"{f:g}" for f in fractions)],
+        [[e, *cells] for e, cells in cell.items()],
+        "l" + "r" * len(fractions),
+    )
     series = {e: ([f for f in fractions if f in c], [c[f] for f in fractions if f in c]) for e, c in cis.items()}
-    plots.ci_lines(series, "fraction of training set", f"test {plots.METRIC_LABELS.get(metric, metric)}",
-                   "data-fraction ablation", root / "fractions.png")  # fmt: skip
-    intro = (f"Test {metric}{unit} when training on a seeded subset of the training set (the same subset for "
-             "every encoding; smaller fractions are nested in larger ones), same step budget.")  # fmt: skip
+    plots.ci_lines(
+        series,
+        "fraction of training set",
+        f"test {plots.METRIC_LABELS.get(metric, metric)}",
+        "data-fraction ablation",
+        root / "fractions.png",
+    )
+    intro = (
+        f"Test {metric}{unit} when training on a seeded subset of the training set (the same subset for "
+        "every encoding; smaller fractions are nested in larger ones), same step budget."
+    )
     return _section("Data-fraction ablation", intro, table, "fractions.png", "data fractions")
 
 
@@ -301,8 +366,7 @@ def _settings(results: AbResults) -> str:
 def _machine(results: AbResults) -> str:
     threads = "" if results.threads is None else f", {results.threads} torch thread(s)"
     cpu = "" if results.cpu is None else f", CPU {results.cpu}"
-    return (f"- device: {results.device} (world size {results.world_size}){cpu}{threads}, "
-            f"torch {results.torch_version}")  # fmt: skip
+    return f"- device: {results.device} (world size {results.world_size}){cpu}{threads}, torch {results.torch_version}"
 
 
 def _per_seed(r: Row, scale: float, digits: int) -> str:
@@ -336,9 +400,13 @@ def _final_plot(results: AbResults, rows: Sequence[Row], root: Path) -> str | No
     if not scored:
         return None
     metric = results.metric
-    plots.ci_bars([r.encoding for r in scored], {"test": [r.interval for r in scored]},
-                  f"test {plots.METRIC_LABELS.get(metric, metric)}", f"final test {metric} (95% CI over seeds)",
-                  root / layout.FINAL)  # fmt: skip
+    plots.ci_bars(
+        [r.encoding for r in scored],
+        {"test": [r.interval for r in scored]},
+        f"test {plots.METRIC_LABELS.get(metric, metric)}",
+        f"final test {metric} (95% CI over seeds)",
+        root / layout.FINAL,
+    )
     return f"![final metric]({layout.FINAL})"
 
 
@@ -351,8 +419,12 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
     if (root / layout.CURVES).is_file():
         parts.append(f"![learning curves]({layout.CURVES})")
     evals = _evaluations(root, results.main_runs())
-    parts += [shuffle_section(evals, root), *extrapolation_sections(evals, root), length_section(evals, root),
-              fraction_section(results, root)]  # fmt: skip
+    parts += [
+        shuffle_section(evals, root),
+        *extrapolation_sections(evals, root),
+        length_section(evals, root),
+        fraction_section(results, root),
+    ]
     return layout.write_text(root / layout.REPORT, "\n\n".join(p for p in parts if p) + "\n")
 
 

@@ -23,8 +23,9 @@ def _from_dict(cls: type[T], data: Any, source: str | Path) -> T:
     if not isinstance(data, dict):
         raise RunFolderError(f"{source}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing := [n for n in required if n not in data]:
         raise RunFolderError(f"{source} is missing {missing}: not a file written by train (or an incomplete one)")
     return cls(**{k: v for k, v in data.items() if k in fields})
@@ -42,11 +43,16 @@ class Divergence:
     cause: str = ""
 
     def message(self) -> str:
-        where = (f"last good checkpoint: {self.checkpoint} (step {self.checkpoint_step})" if self.checkpoint
-                 else "no checkpoint was written before it")  # fmt: skip
+        where = (
+            f"last good checkpoint: {self.checkpoint} (step {self.checkpoint_step})"
+            if self.checkpoint
+            else "no checkpoint was written before it"
+        )
         cause = f" ({self.cause})" if self.cause else ""
-        return (f"training diverged at step {self.step}: loss {self.loss}, gradient norm {self.grad_norm}{cause}; "
-                f"{where}. Lower --lr, or pass --on-nonfinite skip to skip such steps")  # fmt: skip
+        return (
+            f"training diverged at step {self.step}: loss {self.loss}, gradient norm {self.grad_norm}{cause}; "
+            f"{where}. Lower --lr, or pass --on-nonfinite skip to skip such steps"
+        )
 
 
 @dataclass
@@ -150,8 +156,10 @@ class AbResults:
         if not Path(folder).is_dir():
             raise RunFolderError(f"{folder} is not a folder; pass an A/B run folder written by python -m train.ab")
         if not path.is_file():
-            raise RunFolderError(f"{folder} has no {RESULTS_JSON}: not a train.ab folder, or its run did not finish "
-                                 "(continue it with python -m train.ab --out FOLDER --resume)")  # fmt: skip
+            raise RunFolderError(
+                f"{folder} has no {RESULTS_JSON}: not a train.ab folder, or its run did not finish "
+                "(continue it with python -m train.ab --out FOLDER --resume)"
+            )
         return cls.from_dict(read_json(path), path)
 
     def to_dict(self) -> dict[str, Any]:
