@@ -289,3 +289,12 @@ def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
     results = ab.main([*args, "--resume"])  # continues: the finished run is reused
     assert [r.encoding for r in results.runs] == ["none", "liere8"] and results.threads == torch.get_num_threads()
     assert results.cpu == machine.cpu_model() and AbResults.load(out).threads == results.threads
+
+
+def test_format_1_checkpoints_without_checksum_still_resume(crashed, tmp_path):
+    full, run = crashed[0], _copy(crashed[1], tmp_path / "run")
+    state = torch.load(run / layout.LAST, weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("checksum", "window", "wall_time_s", "skipped")}
+    torch.save(old | {"format_version": 1}, run / layout.LAST)
+    summary = train(_config(log_every=4), run, resume=True, quiet=True)
+    assert summary.state_sha256 == RunSummary.load(full / layout.SUMMARY).state_sha256

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 
-from train import cli, machine
+from train import cli
 from train.loop import train
 from train.presets import PRESETS, preset_config
 from train.summaries import RunSummary
@@ -58,18 +57,8 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         ckpt_every=args.ckpt_every,
         compile=args.compile or None,
     )
-    threads = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(threads, flush=True)
-    summary = train(
-        config,
-        args.out,
-        resume=args.resume,
-        quiet=args.quiet,
-        on_nonfinite=args.on_nonfinite,
-        ddp_timeout=args.ddp_timeout,
-        die_at_step=args.die_at_step,
-    )
+    cli.set_threads(args)
+    summary = train(config, args.out, resume=args.resume, die_at_step=args.die_at_step, **cli.train_options(args))
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
     print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary

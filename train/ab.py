@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
 import time
@@ -187,15 +186,7 @@ def _train_or_reuse(
     if done is not None:
         return done, True
     try:
-        return train(
-            config,
-            run_dir,
-            task=task,
-            resume=args.resume,
-            quiet=args.quiet,
-            on_nonfinite=args.on_nonfinite,
-            ddp_timeout=args.ddp_timeout,
-        ), False
+        return train(config, run_dir, task=task, resume=args.resume, **cli.train_options(args)), False
     except Diverged as err:
         print(f"[ab] {config.encoding} seed {config.seed}: {err}", file=sys.stderr, flush=True)
         return err.summary, False
@@ -233,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         compile=args.compile or None,
         eval_samples=args.eval_samples,
     )
-    threads = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cli.set_threads(args)
     rank, world = init_distributed(resolve_device(args.device), args.ddp_timeout)
     out = Path(_shared(str(_run_folder(args))))
     if rank == 0:
@@ -241,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     with layout.RunLock(out) if rank == 0 else contextlib.nullcontext():
         try:
             results = _run_all(
-                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world, threads
+                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world
             )
-        except (Exception, KeyboardInterrupt):
+        except (KeyboardInterrupt, RuntimeError, OSError):  # not for usage errors (ValueError)
             if rank == 0:
                 print(
                     f"\n[ab] stopped before the end; finished runs are kept in {out}. Continue with the same "
@@ -271,7 +262,6 @@ def _run_all(
     evaluation: tuple,
     rank: int,
     world: int,
-    threads: str,
 ) -> AbResults:
     """Train (or reuse, under --resume) every run and evaluate the main-fraction ones."""
     configs = {
@@ -283,7 +273,7 @@ def _run_all(
     task = load_task(base)
     check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:
-        print(f"data: {task.source}\n{threads}\nrun folder: {out}", flush=True)
+        print(f"data: {task.source}\nrun folder: {out}", flush=True)
     runs, earlier, trained, started = [], 0.0, 0, time.perf_counter()
     for index, ((encoding, seed, fraction), config) in enumerate(configs.items(), start=1):
         run_dir, run_task = out / run_name(encoding, seed, fraction), with_encoding(task, config)

@@ -8,10 +8,12 @@ failed (divergence, a stalled DDP rank) with status 1; anything else is a bug an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from train import machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
 
@@ -48,6 +50,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "fails naming it (default: 600)",
     )
     add_common_options(p)
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train.loop.train`` keyword arguments given by ``add_run_options`` (and ``--quiet``)."""
+    return {"quiet": args.quiet, "on_nonfinite": args.on_nonfinite, "ddp_timeout": args.ddp_timeout}
+
+
+def set_threads(args: argparse.Namespace) -> str:
+    """Apply ``--threads`` (shared among this machine's torchrun processes); print the choice on rank 0."""
+    line = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+    return line
 
 
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
