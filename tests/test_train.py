@@ -76,3 +76,17 @@ def test_bad_config_names_the_argument():
         RunConfig(batch_size=0)
     with pytest.raises(ValueError, match="preset"):
         preset_config("huge", "arrow")
+
+
+def test_step_hooks_add_per_step_metrics(tmp_path):
+    config = preset_config("smoke", "digits", encoding="liere8", steps=6, eval_every=6)
+    seen = []
+
+    def hook(step, model):
+        seen.append(step)
+        return {"generator_norm": model.encoding.skew_generators().detach().norm().item()}
+
+    train(config, tmp_path, quiet=True, hooks=[hook])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [1, 2, 3, 4, 5, 6] and [r["step"] for r in records] == seen  # one record per step
+    assert all(r["generator_norm"] > 0 for r in records) and "loss" in records[4]
