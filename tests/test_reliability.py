@@ -289,6 +289,10 @@ def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
     results = ab.main([*args, "--resume"])  # continues: the finished run is reused
     assert [r.encoding for r in results.runs] == ["none", "liere8"] and results.threads == torch.get_num_threads()
     assert results.cpu == machine.cpu_model() and AbResults.load(out).threads == results.threads
+    (out / "none-s0" / layout.SUMMARY).write_text("")  # an empty summary, as a full disk left it before atomic writes
+    again = ab.main([*args, "--resume"])
+    assert "summary.json is empty" in capsys.readouterr().err
+    assert [r.test for r in again.runs] == [r.test for r in results.runs]
 
 
 def test_format_1_checkpoints_without_checksum_still_resume(crashed, tmp_path):
