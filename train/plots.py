@@ -8,7 +8,8 @@ are at least two seeds; x ticks sit only at the evaluated values.
 ``learning_curves``: train loss and validation metric against step, one colour per encoding (the mean over
 seeds as a line, single seeds faint). ``ci_bars``: the metric per label, one bar (or point) per group (final
 metric per encoding; patch shuffle). ``ci_lines``: the metric against an evaluated axis (scale factor, context
-multiple, data fraction), one line per series, one panel per coordinate mode.
+multiple, data fraction), one line per series, one panel per coordinate mode. Each saves a PNG at ``path``
+and returns its figure.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
 
 
 def learning_curves(runs: Sequence[dict[str, Any]], metric: str, path: str | Path, chance: float | None = None
-                    ) -> Path:  # fmt: skip
+                    ) -> Figure:  # fmt: skip
     """Two panels (train loss, val ``metric``) vs step; ``runs`` items have ``encoding`` and ``metrics_log``.
 
     ``chance``: accuracy of guessing (``1 / num_classes``), drawn dashed on the validation panel.
@@ -87,20 +88,23 @@ def learning_curves(runs: Sequence[dict[str, Any]], metric: str, path: str | Pat
                 ax.plot(steps, scale * values, color=color, alpha=0.25, linewidth=0.8)
             length = min(len(steps) for steps, _ in curves)
             mean = np.mean([values[:length] for _, values in curves], axis=0)
-            ax.plot(curves[0][0][:length], scale * mean, color=color, label=encoding, linewidth=1.6)
+            ax.plot(curves[0][0][:length], scale * mean, color=color, label=encoding, linewidth=1.6,
+                    marker="o" if length < 3 else None)  # fmt: skip
     seeds = _seeds_note([len(logs) for logs in by_encoding.values()], ci=False)
     axes[0].set(xlabel="step", ylabel="train loss", title=f"training loss ({seeds})")
     axes[1].set(xlabel="step", ylabel=f"validation {axis.label}", title=f"validation {metric} ({seeds})")
     _chance_line(axes[1], chance, axis)
+    if axis.top is not None:
+        axes[1].set_ylim(0, 1.04 * axis.top)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.savefig(path, dpi=120)
-    return Path(path)
+    return fig
 
 
 def ci_bars(labels: Sequence[str], groups: dict[str, Sequence[Interval]], metric: str, title: str,
-            path: str | Path, chance: float | None = None) -> Path:  # fmt: skip
+            path: str | Path, chance: float | None = None) -> Figure:  # fmt: skip
     """The metric per label, one mark per group (``groups[name][i]`` belongs to ``labels[i]``), value written on it.
 
     Metrics drawn from zero (accuracy) are bars with the ``chance`` level dashed; others (bits per character)
@@ -139,12 +143,12 @@ def ci_bars(labels: Sequence[str], groups: dict[str, Sequence[Interval]], metric
         fig.legend(loc="outside right center", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
-    return Path(path)
+    return fig
 
 
 def ci_lines(panels: dict[str, Series], xlabel: str, metric: str, title: str, path: str | Path, *,
              chance: float | None = None, xticklabels: dict[float, str] | None = None, log_x: bool = False
-             ) -> Path:  # fmt: skip
+             ) -> Figure:  # fmt: skip
     """The metric against evaluated x values: one panel per ``panels[name]``, one line per series name.
 
     A series keeps its colour across panels and appears once in the legend; the 95% CI is a band (at least
@@ -171,20 +175,21 @@ def ci_lines(panels: dict[str, Series], xlabel: str, metric: str, title: str, pa
         ticks = sorted(xs_seen)
         if log_x:
             ax.set_xscale("log")
-        ax.set_xlim(*_padded(ticks[0], ticks[-1], log_x))  # shifted artists do not autoscale the x axis
+        ax.set_xlim(*_padded(ticks[0], ticks[-1], log_x))  # shifted artists do not autoscale the axes
         ax.set_xticks(ticks, [(xticklabels or {}).get(t, f"{t:g}") for t in ticks])
         ax.xaxis.set_minor_locator(NullLocator())  # log axes add unlabelled ones
         ax.set(xlabel=xlabel, title=panel)
         ax.grid(alpha=0.3)
         _chance_line(ax, chance, axis)
-    if axis.top is not None:
-        axes[0].set_ylim(0, 1.04 * axis.top)
+    values = [axis.scale * v for series in panels.values() for _, intervals in series.values() for i in intervals
+              for v in ((i.low, i.high) if ci else (i.mean,))]  # fmt: skip
+    axes[0].set_ylim(*((0, 1.04 * axis.top) if axis.top is not None else _padded(min(values), max(values), False)))
     axes[0].set_ylabel(f"test {axis.label}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle(f"{title} ({_seeds_note(seeds, ci)})")
     fig.savefig(path, dpi=120)
-    return Path(path)
+    return fig
 
 
 def _padded(low: float, high: float, log: bool, pad: float = 0.08) -> tuple[float, float]:
