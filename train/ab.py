@@ -327,7 +327,7 @@ def _run_all(
 def _write(out: Path, results: AbResults, reference: str | None) -> None:
     """results.json, results.md, report.md and the plots; prints the table and the wall time."""
     paths = [{"encoding": r.encoding, "metrics_log": out / r.metrics_log} for r in results.main_runs()]
-    plots.learning_curves(paths, results.metric, out / layout.CURVES)
+    plots.learning_curves(paths, results.metric, out / layout.CURVES, report.chance_level(results))
     layout.write_json(out / layout.RESULTS_JSON, results.to_dict())
     layout.write_text(out / layout.RESULTS_MD, results.table + "\n")
     report.write_report(out, reference)

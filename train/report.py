@@ -95,6 +95,12 @@ class Row:
         return None if self.mean is None else Interval(self.mean, self.low, self.high, len(self.values))
 
 
+def chance_level(results: AbResults) -> float | None:
+    """Accuracy of guessing, ``1 / num_classes`` of the runs' model (None for other metrics or unknown classes)."""
+    classes = results.runs[0].model_spec.get("kwargs", {}).get("num_classes")
+    return 1 / classes if results.metric == "accuracy" and classes else None
+
+
 def _correct(root: Path, runs: Sequence[AbRun]) -> torch.Tensor | None:
     """Per-example test correctness of ``runs`` concatenated in seed order, or None if any is missing."""
     paths = [root / r.run_dir / layout.CORRECT for r in sorted(runs, key=lambda r: r.seed)]
@@ -242,7 +248,7 @@ def _section(title: str, intro: str, table: str, image: str, alt: str) -> str:
 SHUFFLE_KEYS = ("accuracy", "shuffled_accuracy", "drop")
 
 
-def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
+def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None) -> str | None:
     """Patch-shuffle table (accuracy, shuffled accuracy, drop; mean [CI] over seeds) and its bar plot."""
     found = per_encoding(evals, lambda x: x.get("shuffle"))
     if not found:
@@ -254,9 +260,7 @@ def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str |
         "unshuffled": [c["accuracy"] for c in cis.values()],
         "patches shuffled": [c["shuffled_accuracy"] for c in cis.values()],
     }
-    plots.ci_bars(
-        list(cis), groups, "test accuracy", "patch-shuffle diagnostic (95% CI over seeds)", root / "shuffle.png"
-    )
+    plots.ci_bars(list(cis), groups, "accuracy", "patch shuffle", root / "shuffle.png", chance)
     intro = (
         "Test accuracy when each test image's patches (tubelets for clips) are permuted with a fixed "
         "seeded permutation per image; a large drop means the model uses patch positions."
@@ -271,7 +275,9 @@ EXTRAPOLATION_NOTE = (
 )
 
 
-def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -> list[str]:
+def extrapolation_sections(
+    evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None
+) -> list[str]:
     """One table and line plot per extrapolation kind (resized images, a larger canvas): accuracy vs factor."""
     sections = []
     for kind, title in EXTRAPOLATION_KINDS:
@@ -286,9 +292,21 @@ def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -
         modes = {e: sorted({m for m, _ in by_key}) for e, by_key in cis.items()}
         body = [[e, m, *(cis[e][m, f].format(1, 100) for f in factors)] for e in cis for m in modes[e]]
         header = ["encoding", "coords", *(f"{f:g}x: {shape[f]}, grid {grid[f]}" for f in factors)]
-        series = {f"{e} ({m})": (factors, [cis[e][m, f] for f in factors]) for e in cis for m in modes[e]}
+        panels: dict[str, plots.Series] = defaultdict(dict)
+        for e in cis:
+            for m in modes[e]:
+                panels[f"{m} coordinates"][e] = (factors, [cis[e][m, f] for f in factors])
         name = f"extrapolate_{kind}.png"
-        plots.ci_lines(series, "scale factor", "test accuracy", f"extrapolation: {title}", root / name)
+        ticks = {f: f"{f:g}x\n{grid[f]}" for f in factors}
+        plots.ci_lines(
+            panels,
+            "scale factor (patch grid)",
+            "accuracy",
+            f"extrapolation: {title}",
+            root / name,
+            chance=chance,
+            xticklabels=ticks,
+        )
         rounded = any(shape[f].endswith("*") for f in factors)
         note = EXTRAPOLATION_NOTE + (" `*`: size rounded to the nearest multiple of the patch size." if rounded else "")
         table = markdown_table(header, body, "ll" + "r" * len(factors))
@@ -310,11 +328,13 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | 
         "l" + "r" * len(multiples),
     )
     plots.ci_lines(
-        {e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()},
-        "context multiple",
-        "test bits per character",
+        {"": {e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()}},
+        "evaluation length (multiple of the training context)",
+        "bpc",
         "length extrapolation",
         root / "length.png",
+        xticklabels={m: f"{m}x" for m in multiples},
+        log_x=True,
     )
     intro = "Test bits per character (lower is better) in windows of 1x, 2x, ... the training context."
     return _section("Length extrapolation", intro, table, "length.png", "length extrapolation")
@@ -344,11 +364,13 @@ def fraction_section(results: AbResults, root: Path) -> str | None:
     )
     series = {e: ([f for f in fractions if f in c], [c[f] for f in fractions if f in c]) for e, c in cis.items()}
     plots.ci_lines(
-        series,
-        "fraction of training set",
-        f"test {plots.METRIC_LABELS.get(metric, metric)}",
+        {"": series},
+        "fraction of the training set",
+        metric,
         "data-fraction ablation",
         root / "fractions.png",
+        chance=chance_level(results),
+        log_x=True,
     )
     intro = (
         f"Test {metric}{unit} when training on a seeded subset of the training set (the same subset for "
@@ -403,9 +425,10 @@ def _final_plot(results: AbResults, rows: Sequence[Row], root: Path) -> str | No
     plots.ci_bars(
         [r.encoding for r in scored],
         {"test": [r.interval for r in scored]},
-        f"test {plots.METRIC_LABELS.get(metric, metric)}",
-        f"final test {metric} (95% CI over seeds)",
+        metric,
+        f"final test {metric}",
         root / layout.FINAL,
+        chance_level(results),
     )
     return f"![final metric]({layout.FINAL})"
 
@@ -420,8 +443,8 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
         parts.append(f"![learning curves]({layout.CURVES})")
     evals = _evaluations(root, results.main_runs())
     parts += [
-        shuffle_section(evals, root),
-        *extrapolation_sections(evals, root),
+        shuffle_section(evals, root, chance_level(results)),
+        *extrapolation_sections(evals, root, chance_level(results)),
         length_section(evals, root),
         fraction_section(results, root),
     ]
