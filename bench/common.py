@@ -91,3 +91,15 @@ def write_json(results: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+
+
+class RowPrinter:
+    """Prints a markdown table as its rows come in: the header with the first rows, each line flushed."""
+
+    def __init__(self, columns: Sequence[tuple[str, str]]) -> None:
+        self.columns, self.started = columns, False
+
+    def __call__(self, rows: Sequence[dict]) -> None:
+        lines = markdown_table(rows, self.columns).split("\n")
+        print("\n".join(lines[2:] if self.started else lines), flush=True)
+        self.started = True
