@@ -95,10 +95,10 @@ def test_product_counter_counts_every_product_forward_and_backward() -> None:
     # R = (x @ x) @ x: 2 products forward; backward: 2 per product
     assert op_bench.products_per_rotation(lambda a: a @ a @ a, x, backward=False) == 2
     assert op_bench.products_per_rotation(lambda a: a @ a @ a, x, backward=True) == 6
-    # baddbmm and a wide product (8 x 16 @ 16 x 8 = 2 units) are counted by their flops
+    # baddbmm counts; a product of a 8 x 16 by a 16 x 8 matrix is two 8 x 8 products' flops
     assert op_bench.products_per_rotation(lambda a: torch.baddbmm(a, a, a), x, backward=False) == 1
     wide = torch.randn(6, 8, 16)
-    assert op_bench.products_per_rotation(lambda a: a @ wide.mT, torch.randn(6, 8, 16), backward=False) == 2
+    assert op_bench.products_per_rotation(lambda a: (a @ wide) @ wide.mT, x, backward=False) == 2 + 2
     # skew_expm's Taylor + squaring + polish: 5 products at small norm, one more per squaring
     A = torch.randn(10, 8, 8)
     A = (A - A.mT) / 100
