@@ -9,15 +9,20 @@ fp64):
 
 - ``"exact"``: ``torch.linalg.matrix_exp`` (degree-18 Taylor, scaling and squaring). In fp32 it drifts
   off the orthogonal group at large norms (~1e-4 at norm 1e3); in bf16 natively it returns NaN.
-- ``"closed"``: closed forms, ``b = 2`` (cos/sin of the angle ``A[..., 1, 0]``) and ``b = 3`` (Rodrigues).
-- ``"taylor_cans"``: per-matrix scaling ``A / 2^s`` with ``s`` from a spectral-norm bound, Taylor
-  polynomial (Paterson-Stockmeyer), ``s`` squarings, then one or two CANS polishing steps
-  (Chebyshev-accelerated Newton-Schulz, arXiv 2506.10935) that pull the result back onto the orthogonal
-  group, so it stays orthogonal to working precision at norms of 1e3 and more. Eagerly it reads
-  ``min s, max s`` and a finiteness flag back to the host in one device sync; under ``torch.compile`` it
-  reads nothing back (no graph break) and does ``COMPILED_SQUARINGS`` masked squarings instead, which
-  gives the eager result for spectral norms up to ``~1.6 * 2^COMPILED_SQUARINGS`` (about 1e5).
-- ``"auto"``: ``"closed"`` for ``b <= 3``, else ``"taylor_cans"``.
+- ``"closed"``: closed forms, ``b = 2`` (cos/sin of the angle ``A[..., 1, 0]``), ``b = 3`` (Rodrigues) and
+  ``b = 4`` (two commuting isoclinic rotations, one product).
+- ``"taylor_cans"``: per-matrix scaling ``A / 2^s`` with ``s`` from a spectral-norm bound (taken on ``A``
+  prescaled by a power of two, so it cannot overflow at any finite norm), degree-12 Taylor polynomial
+  (Paterson-Stockmeyer), ``s`` squarings, and CANS polishing steps (Chebyshev-accelerated Newton-Schulz,
+  arXiv 2506.10935) after every ``_POLISH_EVERY`` squarings and at the end, which pull the result back onto
+  the orthogonal group, so it stays orthogonal to working precision at any norm. The backward goes straight
+  through the polish. Products per matrix: 5, plus ``s``, plus 2 per polish step (backward: 2 per
+  non-polish product). Eagerly it reads ``min s, max s`` and a finiteness flag back to the host in one
+  device sync; under ``torch.compile`` it reads nothing back (no graph break) and does
+  ``COMPILED_SQUARINGS`` masked squarings instead, enough for spectral norms up to
+  ``~1.6 * 2^COMPILED_SQUARINGS`` (about 1e5); beyond that (or for non-finite input) the compiled call
+  raises ``RuntimeError`` asynchronously: raise ``liere.expm.COMPILED_SQUARINGS`` before compiling.
+- ``"auto"``: ``"closed"`` for ``b <= 4``, else ``"taylor_cans"``.
 
 Eager calls raise ``ValueError`` on non-finite ``A`` (``taylor_cans`` folds that check into its one sync,
 the other methods spend a sync on it); compiled calls skip the check.
@@ -218,7 +223,7 @@ def _squaring_range(s: Tensor) -> tuple[int, int]:
         torch._assert_async(
             s.amax() <= COMPILED_SQUARINGS,
             "skew_expm under torch.compile: a matrix needs more than liere.expm.COMPILED_SQUARINGS squarings "
-            "(spectral norm above ~2e5, or non-finite entries); raise it before compiling",
+            "(spectral norm above ~1.6 * 2^COMPILED_SQUARINGS, or non-finite entries); raise it before compiling",
         )
         return 0, COMPILED_SQUARINGS
     s_min, s_max = torch.stack(s.aminmax()).tolist()
