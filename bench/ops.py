@@ -4,13 +4,15 @@ Two markdown tables; every row carries its time relative to a baseline timed in 
 
 - exponential: every ``skew_expm`` method against ``torch.linalg.matrix_exp`` in fp32, forward and
   forward+backward (time, and ``b x b`` products per rotation), on the generator stacks of real models
-  (paper init: uniform ``[0, 2 pi)`` generators, coordinates in ``[0, 1]``), with orthogonality and relative error against the fp64 ``matrix_exp``; on
-  1D stacks also ``progression`` (``skew_expm_progression``: powers of one exponential per generator);
+  (paper init: uniform ``[0, 2 pi)`` generators, coordinates in ``[0, 1]``), with orthogonality and relative
+  error against the fp64 ``matrix_exp``; on 1D stacks also ``progression`` (``skew_expm_progression``: powers
+  of one exponential per generator);
 - application: ``Rotations.apply`` (pairs, blocks) against an eager RoPE (rotary-embedding-torch when
   installed) and one SDPA call of the same shape.
 
 ``--size`` defaults to ``tiny`` on CPU and ``real`` on CUDA; rows are printed as they are measured. On CUDA the
-application runs in bf16 (autocast), times come from CUDA events, and peak memory from ``torch.cuda.max_memory_allocated``.
+application runs in bf16 (autocast), times come from CUDA events, and peak memory from
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
