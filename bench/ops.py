@@ -379,6 +379,7 @@ APPLY_COLUMNS = [
 # ----------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("python -m bench.ops", __doc__.split("\n")[0], SIZES, "repeats per row")
+    parser.set_defaults(repeats=3)  # the tiny default run stays well under a minute on 2 cores
     parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="exponential block sizes")
     parser.add_argument(
         "--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"], help="exponential input dtypes (bf16: upcast)"
