@@ -10,13 +10,15 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from train import data
 from train.loop import train
 from train.presets import PRESETS, preset_config
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="arrow", help="dataset name as in train.data.load_dataset (default: arrow)")
+    p.add_argument("--task", default=data.DEFAULT_DATASET,
+                   help=f"dataset name, see `python -m train.data list` (default: {data.DEFAULT_DATASET})")  # fmt: skip
     p.add_argument(
         "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
     )
@@ -51,4 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DatasetUnavailable as err:
+        raise SystemExit(f"error: {err}") from None

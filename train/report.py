@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from train import plots
+from train import data, plots
 from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 
 EVALUATION_FILE, CORRECT_FILE = "evaluation.json", "test_correct.pt"  # per run folder, written by train.evaluate
@@ -173,9 +173,9 @@ def _grouped(records: dict[str, list[list[dict[str, Any]]]], key: Callable[[dict
 
 
 def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -> list[str]:
-    """One table and line plot per extrapolation kind ("resize" images, arrow "canvas"): accuracy vs factor."""
+    """One table and line plot per extrapolation kind ("resize" images, a dataset's own, e.g. arrow "canvas")."""
     sections = []
-    for kind, title in (("resize", "resized test images"), ("canvas", "larger arrow canvas, same cell size")):
+    for kind, title in {"resize": "resized test images", **data.extrapolation_titles()}.items():
         records = per_encoding(evals, lambda x, kind=kind: [r for r in x.get("extrapolate", []) if r["kind"] == kind])
         if not records:
             continue
