@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("--deadline", type=float, default=hub.Hub.deadline, help="seconds for the whole download")
     install = commands.add_parser("install", help="apt-get install the Debian packages of a dataset (as root)")
     install.add_argument("name", choices=sorted(n for n, s in DATASETS.items() if s.debian_packages))
-    download = commands.add_parser("download")  # fetch's child process: unbounded, in-process
+    download = commands.add_parser("download", help="what fetch runs in its child process: no time limit")
     download.add_argument("name", choices=sorted(hub.HUB_DATASETS))
     for command in (fetch, download):
         command.add_argument("--root", type=Path, default=None, help="data cache folder (default: see `where`)")

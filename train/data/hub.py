@@ -143,6 +143,8 @@ def fetch(name: str, root: Path, hub: Hub | None = None) -> dict[str, Any]:
     try:
         done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=hub.deadline)
     except subprocess.TimeoutExpired:
+        for partial in path.parent.glob(f"{path.name}*.tmp"):  # the killed child's unfinished cache write
+            partial.unlink(missing_ok=True)
         raise DatasetUnavailable(f"downloading {repo} from {hub.endpoint} took over {hub.deadline:g} s") from None
     data = cache.read(path)
     if done.returncode != 0 or data is None:
