@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from train.data.cache import generated
+from train.data.cache import generated, generated_splits
 from train.data.source import Extrapolation, Source
 from train.data.splits import ImageSplits, TensorImageDataset
 
@@ -162,10 +162,8 @@ def load(
     num_test: int = 2000,
 ) -> ImageSplits:
     """The arrow task: 1 x image_size x image_size, 8 direction classes (train/val/test seeded by split)."""
-    counts = {"train": num_train, "val": num_val, "test": num_test}
-    data, source = generated("arrow", generate, root, seed, counts, image_size=image_size, grid=grid)
-    train, val, test = (TensorImageDataset.from_dict(data[s]) for s in counts)
-    return ImageSplits(train, val, test, len(DIRECTIONS), tuple(train.images.shape[1:]), source)
+    sizes = (num_train, num_val, num_test)
+    return generated_splits("arrow", generate, len(DIRECTIONS), root, seed, sizes, image_size=image_size, grid=grid)
 
 
 def load_small(root: Path, seed: int, *, image_size: int = 48, grid: int = 6, **counts: int) -> ImageSplits:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from train.data.splits import ImageSplits, TensorImageDataset
+
 CACHE_VERSION = 1  # bump when a generator or a conversion changes, to invalidate caches
 ENV_VAR = "LIERE_DATA_DIR"
 
@@ -93,3 +95,13 @@ def generated(
     parts = counts.values() if tuple(counts) == SPLITS else (f"{s}{n}" for s, n in counts.items())
     data = cached(cache_file(root, name, seed=seed, **opts, n="-".join(map(str, parts))), build)
     return {split: data[split] for split in counts}, data["source"]
+
+
+def generated_splits(
+    name: str, generate: Callable[..., dict], num_classes: int, root: Path, seed: int, sizes: tuple[int, int, int],
+    **opts: Any,
+) -> ImageSplits:  # fmt: skip
+    """``ImageSplits`` of train/val/test ``sizes`` from ``generated`` (image shape read from the data)."""
+    data, source = generated(name, generate, root, seed, dict(zip(SPLITS, sizes, strict=True)), **opts)
+    train, val, test = (TensorImageDataset.from_dict(data[s]) for s in SPLITS)
+    return ImageSplits(train, val, test, num_classes, tuple(train.images.shape[1:]), source)

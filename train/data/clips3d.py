@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from train.data.cache import generated
+from train.data.cache import generated_splits
 from train.data.source import Source
-from train.data.splits import ImageSplits, TensorImageDataset
+from train.data.splits import ImageSplits
 
 SHAPES = ("square", "disk", "cross", "triangle")
 MOTIONS = ("right", "left", "down", "up")
@@ -87,10 +87,8 @@ def load(
     num_test: int = 1000,
 ) -> ImageSplits:
     """Moving-shape clips: 1 x frames x size x size, 16 (shape, motion) classes (train/val/test seeded by split)."""
-    counts = {"train": num_train, "val": num_val, "test": num_test}
-    data, source = generated("clips3d", generate, root, seed, counts, frames=frames, size=size)
-    train, val, test = (TensorImageDataset.from_dict(data[s]) for s in counts)
-    return ImageSplits(train, val, test, NUM_CLASSES, tuple(train.images.shape[1:]), source)
+    sizes = (num_train, num_val, num_test)
+    return generated_splits("clips3d", generate, NUM_CLASSES, root, seed, sizes, frames=frames, size=size)
 
 
 def tubelets(options: dict[str, Any]) -> dict[str, Any]:
