@@ -17,8 +17,9 @@ from train.presets import PRESETS, preset_config
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default=data.DEFAULT_DATASET,
-                   help=f"dataset name, see `python -m train.data list` (default: {data.DEFAULT_DATASET})")  # fmt: skip
+    p.add_argument(
+        "--task", default=data.DEFAULT_DATASET, help="dataset (`python -m train.data list`; default: %(default)s)"
+    )
     p.add_argument(
         "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
     )
@@ -53,7 +54,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DatasetUnavailable as err:
-        raise SystemExit(f"error: {err}") from None
+    main()

@@ -225,5 +225,5 @@ def _write(out: Path, results: dict[str, Any], reference: str | None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, data.DatasetUnavailable) as err:
+    except ValueError as err:
         sys.exit(f"error: {err}")

@@ -330,5 +330,5 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, checkpoint.CheckpointError, data.DatasetUnavailable) as err:
+    except (ValueError, checkpoint.CheckpointError) as err:
         sys.exit(f"error: {err}")

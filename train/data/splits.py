@@ -13,8 +13,11 @@ from torch.utils.data import Dataset
 TEXT_FRACTIONS = (0.9, 0.05, 0.05)
 
 
-class DatasetUnavailable(RuntimeError):
-    """No source of the requested dataset can be reached from here; the message says what to do."""
+class DatasetUnavailable(ValueError):
+    """No source of the requested dataset can be reached from here; the one-line message says what to do.
+
+    A ``ValueError``: like a bad option, the fix is the user's (another dataset, a network, a package), so the
+    command-line tools print it as one ``error:`` line."""
 
 
 class TensorImageDataset(Dataset):
