@@ -12,8 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from train import arrow, austen, clips3d, data
-from train.data import ImageSplits, TextSplits, char_batches, describe, load_dataset, read_idx
+from train import data
+from train.data import (
+    ImageSplits,
+    TextSplits,
+    arrow,
+    austen,
+    char_batches,
+    clips3d,
+    describe,
+    fashion_mnist,
+    load_dataset,
+)
+from train.data import text as text_source
+from train.data.fashion_mnist import read_idx
 
 SMALL_ARROW = dict(image_size=48, grid=6, num_train=400, num_val=100, num_test=100)
 SMALL_CLIPS = dict(frames=6, size=16, num_train=200, num_val=50, num_test=50)
@@ -143,7 +155,7 @@ def test_fashion_mnist_from_idx_directory(tmp_path, monkeypatch):
     for prefix, n in (("train", 30), ("t10k", 10)):
         (fake / f"{prefix}-images-idx3-ubyte").write_bytes(_idx_bytes(rng.integers(0, 256, (n, 28, 28), np.uint8), 8))
         (fake / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(n, dtype=np.uint8) % 10, 8))
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", fake)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", fake)
     splits = load_dataset("fashion-mnist", root=tmp_path / "cache", val_size=5)
     assert splits.source == f"debian:{fake}"
     assert (len(splits.train), len(splits.val), len(splits.test)) == (25, 5, 10)
@@ -151,14 +163,14 @@ def test_fashion_mnist_from_idx_directory(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_missing_package_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "absent")
     with pytest.raises(data.DatasetUnavailable, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", root=tmp_path)
 
 
 @pytest.mark.skipif(
-    not data.FASHION_MNIST_DIR.is_dir(),
-    reason=f"{data.FASHION_MNIST_DIR} absent: `apt-get install dataset-fashion-mnist` to test the real files",
+    not fashion_mnist.DEBIAN_DIR.is_dir(),
+    reason=f"{fashion_mnist.DEBIAN_DIR} absent: `apt-get install dataset-fashion-mnist` to test the real files",
 )
 def test_fashion_mnist_debian_package(tmp_path):
     start = time.perf_counter()
@@ -176,28 +188,25 @@ def test_fashion_mnist_debian_package(tmp_path):
 
 def test_hub_is_skipped_fast_when_offline(tmp_path):
     start = time.perf_counter()
-    assert not data.hub_reachable()
     with pytest.raises(data.DatasetUnavailable, match="offline alternatives: arrow"):
         load_dataset("cifar10", root=tmp_path)
     with pytest.raises(data.DatasetUnavailable):
-        load_dataset("cifar100", root=tmp_path, online=False)
+        load_dataset("cifar100", root=tmp_path, hub=data.Hub(online=False))
     assert time.perf_counter() - start < 3
 
 
 def test_hub_probe_cannot_hang(tmp_path, monkeypatch):
-    """A hub host that never answers (DNS or TCP) costs at most the probe timeout, then falls back."""
+    """A hub host that never answers (DNS or TCP) costs at most the hub timeout, then falls back."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
-    monkeypatch.setattr(data, "HUB_PROBE_TIMEOUT", 0.3)
     monkeypatch.setattr(socket, "create_connection", _hang)
-    data._probe.cache_clear()
     monkeypatch.setattr(austen, "download_novels", _no_apt)
     start = time.perf_counter()
-    shakespeare = load_dataset("shakespeare", root=tmp_path)
+    shakespeare = load_dataset("shakespeare", root=tmp_path, hub=data.Hub.from_env(timeout=0.3))
     assert time.perf_counter() - start < 2
     assert "fallback: shakespeare unavailable" in shakespeare.source
-    data._probe.cache_clear()
+    assert "https://hub.invalid did not answer within 0.3 s" in shakespeare.source
 
 
 def _hang(*args, **kwargs):
@@ -320,7 +329,7 @@ def _decode(splits: TextSplits) -> str:
 
 def test_pydoc_and_text_file(tmp_path):
     pydoc = load_dataset("pydoc", root=tmp_path)
-    assert pydoc.source == "pydoc_data.topics" and _decode(pydoc) == data._pydoc_text()
+    assert pydoc.source == "pydoc_data.topics" and _decode(pydoc) == text_source.pydoc_text()
     path = tmp_path / "corpus.txt"
     path.write_text("hello wörld\n" * 100, encoding="utf-8")
     text = load_dataset(f"text:{path}", root=tmp_path)

@@ -71,7 +71,7 @@ def test_resize_extrapolation_grids_and_modes():
 def test_arrow_canvas_keeps_cell_size(tmp_path):
     config = preset_config("smoke", "arrow")  # 32 px, 4x4 grid of 8 px cells
     model = ViT([1, 32, 32], 8, 8, encoding="rope-mixed", dim=16, depth=1, heads=1).eval()
-    records = evaluate.arrow_canvas_eval(model, config, CPU, limit=16, factors=[1.5])
+    records = evaluate.dataset_extrapolation_eval(model, config, CPU, limit=16, factors=[1.5])
     assert [(r["kind"], r["mode"], r["size"], r["grid"]) for r in records] == [
         ("canvas", m, [48, 48], [6, 6]) for m in ("index", "stretch")
     ]

@@ -10,7 +10,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from train import cli
+from train import cli, data
 from train.loop import train
 from train.presets import PRESETS, preset_config
 from train.summaries import RunSummary
@@ -20,7 +20,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--task", default="arrow", help="dataset name as in train.data.load_dataset (default: arrow)")
+    p.add_argument(
+        "--task", default=data.DEFAULT_DATASET, help="dataset (`python -m train.data list`; default: %(default)s)"
+    )
     p.add_argument(
         "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
     )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpoint, cli, evaluate, machine, plots, report
+from train import checkpoint, cli, data, evaluate, machine, plots, report
 from train import run_dir as layout
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
@@ -39,10 +39,6 @@ MAX_SEEDS = 1000
 
 IMAGE_ENCODINGS = "none,abs,axial-rope,rope-mixed,liere8,liere64"
 TEXT_ENCODINGS = "rope,rope-mixed,liere8,liere64"
-TASKS = (
-    "images: arrow (default), fashion-mnist, cifar10, cifar100, clips3d, digits, folder:PATH\n"
-    "text: austen, shakespeare, pydoc, text:PATH"
-)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -75,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.ab", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--task", default="arrow", help=f"dataset: {TASKS}")
+    p.add_argument("--task", default=data.DEFAULT_DATASET, help=f"dataset, one of:\n{data.help_lines()}")
     p.add_argument(
         "--encodings",
         help=f"comma-separated liere factory specs (e.g. liere8, liere64:init=uniform); the first is the\n"

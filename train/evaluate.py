@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from train import checkpoint, cli, report
+from train import checkpoint, cli, data, report
 from train import run_dir as layout
-from train.data import load_dataset
 from train.loop import resolve_device
 from train.presets import RunConfig, is_text
 from train.summaries import AbResults, RunSummary
@@ -183,21 +182,20 @@ def extrapolate_eval(
     return records
 
 
-def arrow_canvas_eval(
+def dataset_extrapolation_eval(
     model: nn.Module, config: RunConfig, device: torch.device, limit: int, factors: Sequence[float]
 ) -> list[dict[str, Any]]:
-    """Arrow task on a larger canvas with the same cell size (grid ``round(g * factor)``), both modes."""
-    options = config.data_options
-    grid, size = options.get("grid", 9), options.get("image_size", 108)
-    cell, records = size // grid, []
+    """The dataset's own extrapolation test sets (``train.data.extrapolation_set``, e.g. the arrow task on a
+    larger canvas with the same cell size) at each factor, both modes; [] for datasets without one."""
+    records = []
     for factor in factors:
-        new_grid = max(1, round(grid * factor))
-        splits = load_dataset("arrow", seed=config.data_seed, image_size=cell * new_grid, grid=new_grid,
-                              num_train=1, num_val=1, num_test=options.get("num_test", limit))  # fmt: skip
-        accuracies = _coord_scale_accuracies(model, splits.test, device, limit, None)
-        records += [{"kind": "canvas", "factor": factor, "mode": mode, "size": [cell * new_grid] * 2,
-                     "grid": [new_grid] * 2, "rounded": not math.isclose(new_grid, grid * factor),
-                     "accuracy": acc} for mode, acc in accuracies.items()]  # fmt: skip
+        found = data.extrapolation_set(config.task, config.data_options, factor, seed=config.data_seed)
+        if found is None:
+            return []
+        test, info = found
+        accuracies = _coord_scale_accuracies(model, test, device, limit, None)
+        records += [{"kind": info["kind"], "factor": factor, "mode": mode, **info, "accuracy": acc}
+                    for mode, acc in accuracies.items()]  # fmt: skip
     return records
 
 
@@ -260,8 +258,7 @@ def evaluate_run(
             result["shuffle"] = shuffle_eval(model, task.splits.test, device, limit)
         if "extrapolate" in evaluations:
             result["extrapolate"] = extrapolate_eval(model, task.splits.test, device, limit, factors)
-            if config.task == "arrow":
-                result["extrapolate"] += arrow_canvas_eval(model, config, device, limit, factors)
+            result["extrapolate"] += dataset_extrapolation_eval(model, config, device, limit, factors)
     layout.write_json(run_dir / layout.EVALUATION, result)
     return result
 

@@ -7,16 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liere.encoding import check_positive_int
+from train import data
 
-TEXT_TASKS = ("austen", "shakespeare", "pydoc")
-GENERATED = ("arrow", "clips3d")
 # Fields that do not change the training trajectory: left out of the config hash that guards resumption.
 RUNTIME_FIELDS = ("device", "compile", "eval_every", "eval_samples", "ckpt_every", "log_every")
 
 
 def is_text(task: str) -> bool:
-    """Whether ``task`` is a char-LM task (a built-in text corpus or ``text:PATH``)."""
-    return task in TEXT_TASKS or task.startswith("text:")
+    """Whether ``task`` is a char-LM task (a text dataset of ``train.data``)."""
+    return data.is_text(task)
 
 
 @dataclass
@@ -30,7 +29,7 @@ class RunConfig:
     ``train_fraction`` < 1 trains on a seeded subset of the training split (``train.tasks.train_subset``).
     """
 
-    task: str = "arrow"
+    task: str = data.DEFAULT_DATASET
     encoding: str = "liere8"
     seed: int = 0
     data_seed: int = 0
@@ -139,17 +138,13 @@ def preset_config(preset: str, task: str, **overrides: Any) -> RunConfig:
     """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored).
 
     Image patch sizes are chosen later, from the loaded data's shape (``patch_size`` in ``model_options``
-    when the preset or the task fixes it: the arrow task uses its cell size).
+    when the preset or the dataset fixes it: ``train.data.model_defaults``, e.g. the arrow task's cell size).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
     data_options = dict(p.data.get(task, {}))
-    model_options = dict(p.lm if is_text(task) else p.vit)
-    if task == "arrow":
-        model_options["patch_size"] = data_options["image_size"] // data_options["grid"]
-    if task == "clips3d":  # tubelets of 2 frames x 8 x 8 px: 4 x 4 x 4 = 64 tokens per cpu-size 8 x 32 x 32 clip
-        model_options["patch_size"] = (2, 16, 16) if preset == "paper" else (2, 8, 8)
+    model_options = dict(p.lm if is_text(task) else p.vit) | data.model_defaults(task, data_options)
     fields = dict(task=task, data_options=data_options, model_options=model_options, max_grid=p.max_grid, **p.training)
     fields |= {k: v for k, v in overrides.items() if v is not None}
     if "warmup_steps" not in overrides:  # keep the preset's warmup share when only the step budget changes

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from train import cli, plots
+from train import cli, data, plots
 from train import run_dir as layout
 from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.summaries import AbResults, AbRun
@@ -268,7 +268,6 @@ def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path, chance: 
     return _section("Patch-shuffle diagnostic", intro, table, "shuffle.png", "patch shuffle")
 
 
-EXTRAPOLATION_KINDS = (("resize", "resized test images"), ("canvas", "larger arrow canvas, same cell size"))
 EXTRAPOLATION_NOTE = (
     "Test accuracy (%) vs scale factor. `index`: patch coordinates keep their spacing (a larger grid "
     "covers a larger range); `stretch`: the larger grid is squeezed onto the trained coordinate range."
@@ -278,9 +277,9 @@ EXTRAPOLATION_NOTE = (
 def extrapolation_sections(
     evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None
 ) -> list[str]:
-    """One table and line plot per extrapolation kind (resized images, a larger canvas): accuracy vs factor."""
+    """One table and line plot per extrapolation kind ("resize" images, a dataset's own, e.g. arrow "canvas")."""
     sections = []
-    for kind, title in EXTRAPOLATION_KINDS:
+    for kind, title in {"resize": "resized test images", **data.extrapolation_titles()}.items():
         records = per_encoding(evals, lambda x, kind=kind: [r for r in x.get("extrapolate", []) if r["kind"] == kind])
         if not records:
             continue

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from train import data as data_module
+from train import data
 from train.checkpoint import build_model
 from train.presets import RunConfig, default_patch, is_text
 
@@ -170,7 +170,7 @@ class TextTask(Task):
         size = per_rank(cfg.batch_size, world_size)
         tokens = self.splits.train[: max(context + 1, round(cfg.train_fraction * len(self.splits.train)))]
         for step in range(start, cfg.steps):
-            yield data_module.char_batches(tokens, context, size, _generator(cfg.seed, step, rank))
+            yield data.char_batches(tokens, context, size, _generator(cfg.seed, step, rank))
 
     @torch.no_grad()
     def eval_stats(self, model: nn.Module, split: str, device: torch.device, rank: int, world: int) -> Tensor:
@@ -218,7 +218,7 @@ def model_spec(config: RunConfig, splits: Any) -> dict[str, Any]:
 def load_task(config: RunConfig, root: str | None = None) -> Task:
     """Load the data of ``config.task`` (seeded by ``config.data_seed``) and describe its model."""
     kwargs = {"root": root} if root is not None else {}
-    splits = data_module.load_dataset(config.task, seed=config.data_seed, **kwargs, **config.data_options)
+    splits = data.load_dataset(config.task, seed=config.data_seed, **kwargs, **config.data_options)
     kind = TextTask if is_text(config.task) else ImageTask
     return kind(config, splits, model_spec(config, splits))
 

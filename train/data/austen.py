@@ -11,7 +11,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
 import struct
 import subprocess
 import tempfile
@@ -19,7 +18,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from train.data import cache, text
+from train.data.source import Source
+from train.data.splits import TEXT_FRACTIONS, TextSplits, text_splits
+
 PACKAGE = "r-cran-janeaustenr"
+APT_DEADLINE = 120  # seconds for fetching and unpacking the package (each network read: 10 s)
 NOVELS = (  # publication order, as in janeaustenr::austen_books()
     "sensesensibility",
     "prideprejudice",
@@ -139,7 +143,7 @@ def read_lazyload_db(rdx: Path) -> dict[str, Any]:
 def _run(args: list[str], cwd: Path) -> None:
     """Run a command; on failure raise OSError carrying its last line of stderr."""
     try:
-        subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True, timeout=APT_DEADLINE)
     except (OSError, subprocess.SubprocessError) as e:
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
         raise OSError(f"{' '.join(args)}: {detail[-1] if detail else type(e).__name__}") from e
@@ -154,24 +158,35 @@ def _find(directory: Path, pattern: str) -> Path:
 
 def download_novels(workdir: Path) -> dict[str, list[str]]:
     """Fetch and unpack the Debian package into ``workdir``; novel name -> lines (needs apt, dpkg)."""
-    _run(["apt-get", "download", PACKAGE], workdir)
+    _run(["apt-get", "download", "-o", "Acquire::http::Timeout=10", "-o", "Acquire::Retries=0", PACKAGE], workdir)
     _run(["dpkg", "-x", _find(workdir, f"{PACKAGE}_*.deb").name, "extracted"], workdir)
     return read_lazyload_db(_find(workdir / "extracted", "janeaustenr/data/Rdata.rdx"))
 
 
-def austen_text(cache_dir: Path) -> str:
-    """The six novels in publication order, lines joined by newlines (~4M chars); cached as text.
+def austen_text(root: Path) -> str:
+    """The six novels in publication order, lines joined by newlines (~4M chars); cached under ``root``.
 
     Raises ``OSError`` when the package cannot be fetched or unpacked, ``ValueError`` on bad data.
     """
-    cache = cache_dir / "austen.txt"
-    if cache.exists():
-        return cache.read_text(encoding="utf-8")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        novels = download_novels(Path(tmp))
-        text = "\n\n".join("\n".join(line or "" for line in novels[name]) for name in NOVELS)
-        staged = Path(tmp) / cache.name
-        staged.write_text(text, encoding="utf-8")
-        os.replace(staged, cache)
-    return text
+
+    def build() -> dict[str, str]:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            novels = download_novels(Path(tmp))
+        return {"text": "\n\n".join("\n".join(line or "" for line in novels[name]) for name in NOVELS)}
+
+    return cache.cached(cache.cache_file(root, "austen"), build)["text"]
+
+
+def load(root: Path, seed: int, *, fractions: tuple[float, float, float] = TEXT_FRACTIONS) -> TextSplits:
+    """Jane Austen's six novels (~4.0M chars) from Debian ``r-cran-janeaustenr``, else the pydoc topics."""
+    try:
+        return text_splits(austen_text(root), f"debian:{PACKAGE}", fractions)
+    except (OSError, ValueError) as err:
+        return text_splits(text.pydoc_text(), f"pydoc_data.topics (fallback: austen unavailable: {err})", fractions)
+
+
+SOURCE = Source(
+    "austen", "text", load, "Jane Austen's six novels, 4.0 M chars; Debian r-cran-janeaustenr (fetched, not installed)",
+    offline=f"apt-get download {PACKAGE}, else falls back to pydoc",
+)  # fmt: skip

@@ -15,7 +15,17 @@ Layout is kept as ``cells``: (N, grid, grid) int codes, 0 empty, 1..8 arrow of d
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+from torch.utils.data import Dataset
+
+from train.data.cache import generated, generated_splits
+from train.data.source import Extrapolation, Source
+from train.data.splits import ImageSplits, TensorImageDataset
 
 DIRECTIONS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
 LETTERS = "ABCDEY"
@@ -139,3 +149,54 @@ def generate(n: int, image_size: int = 108, grid: int = 9, seed: int | tuple[int
     """``n`` arrow-task samples: images (n, 1, S, S) uint8, labels (n,) int64, cells (n, g, g) int8."""
     cells, labels = sample_layouts(n, grid, np.random.default_rng(seed))
     return {"images": render(cells, image_size), "labels": labels, "cells": cells}
+
+
+def load(
+    root: Path,
+    seed: int,
+    *,
+    image_size: int = 108,
+    grid: int = 9,
+    num_train: int = 20000,
+    num_val: int = 2000,
+    num_test: int = 2000,
+) -> ImageSplits:
+    """The arrow task: 1 x image_size x image_size, 8 direction classes (train/val/test seeded by split)."""
+    sizes = (num_train, num_val, num_test)
+    return generated_splits("arrow", generate, len(DIRECTIONS), root, seed, sizes, image_size=image_size, grid=grid)
+
+
+def load_small(root: Path, seed: int, *, image_size: int = 48, grid: int = 6, **counts: int) -> ImageSplits:
+    """The arrow task at 48 px on a 6 x 6 grid (8 px cells)."""
+    return load(root, seed, image_size=image_size, grid=grid, **counts)
+
+
+def canvas(image_size: int, grid: int) -> Extrapolation:
+    """Test sets on a canvas of ``round(grid * factor)`` cells of the trained cell size (``image_size`` and
+    ``grid`` are the defaults the data options override)."""
+
+    def test_set(root: Path, seed: int, options: dict[str, Any], factor: float) -> tuple[Dataset, dict[str, Any]]:
+        old_grid = options.get("grid", grid)
+        cell, new_grid = options.get("image_size", image_size) // old_grid, max(1, round(old_grid * factor))
+        size, counts = cell * new_grid, {"test": options.get("num_test", 2000)}
+        data, _ = generated("arrow", generate, root, seed, counts, image_size=size, grid=new_grid)
+        info = {"size": [size] * 2, "grid": [new_grid] * 2, "rounded": not math.isclose(new_grid, old_grid * factor),
+                "label": f"canvas {size} px, grid {new_grid}x{new_grid}"}  # fmt: skip
+        return TensorImageDataset.from_dict(data["test"]), info
+
+    return Extrapolation("canvas", "larger arrow canvas, same cell size", test_set)
+
+
+def one_patch_per_cell(image_size: int, grid: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Model defaults: square patches of one cell (``image_size // grid`` px)."""
+    return lambda options: {"patch_size": options.get("image_size", image_size) // options.get("grid", grid)}
+
+
+SOURCE = Source(
+    "arrow", "image", load, "the LieRE paper's spatial-reasoning task (108 px, 9x9 cells of 12 px); generated",
+    offline="generated", model_defaults=one_patch_per_cell(108, 9), extrapolation=canvas(108, 9),
+)  # fmt: skip
+SMALL = Source(
+    "arrow-small", "image", load_small, "the arrow task at 48 px (6x6 cells of 8 px); generated",
+    offline="generated", model_defaults=one_patch_per_cell(48, 6), extrapolation=canvas(48, 6),
+)  # fmt: skip

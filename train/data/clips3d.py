@@ -9,7 +9,14 @@ whole clip travels 18-45% of the frame) and stay inside the frame on every frame
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+
+from train.data.cache import generated_splits
+from train.data.source import Source
+from train.data.splits import ImageSplits
 
 SHAPES = ("square", "disk", "cross", "triangle")
 MOTIONS = ("right", "left", "down", "up")
@@ -67,3 +74,30 @@ def generate(n: int, frames: int = 8, size: int = 32, seed: int | tuple[int, ...
     chunks = [render(*(params[k][i : i + chunk] for k in keys), frames, size) for i in range(0, n, chunk)]
     clips = np.concatenate(chunks) if chunks else np.zeros((0, 1, frames, size, size), np.uint8)
     return {"images": clips, "labels": params["shape"] * len(MOTIONS) + params["motion"], **params}
+
+
+def load(
+    root: Path,
+    seed: int,
+    *,
+    frames: int = 8,
+    size: int = 32,
+    num_train: int = 10000,
+    num_val: int = 1000,
+    num_test: int = 1000,
+) -> ImageSplits:
+    """Moving-shape clips: 1 x frames x size x size, 16 (shape, motion) classes (train/val/test seeded by split)."""
+    sizes = (num_train, num_val, num_test)
+    return generated_splits("clips3d", generate, NUM_CLASSES, root, seed, sizes, frames=frames, size=size)
+
+
+def tubelets(options: dict[str, Any]) -> dict[str, Any]:
+    """Model defaults: tubelets of 2 frames x 8 x 8 px (16 x 16 px for clips larger than 64 px)."""
+    side = 8 if options.get("size", 32) <= 64 else 16
+    return {"patch_size": (2, side, side)}
+
+
+SOURCE = Source(
+    "clips3d", "video", load, "one shape moving in a straight line: 16 (shape, motion) classes; generated",
+    offline="generated", model_defaults=tubelets,
+)  # fmt: skip
