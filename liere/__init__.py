@@ -11,7 +11,7 @@ from liere.comrope import ComRoPE
 from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
-from liere.factory import available, build, register
+from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
@@ -24,6 +24,7 @@ __all__ = [
     "CayleySTRING",
     "CirculantSTRING",
     "ComRoPE",
+    "EncodingInfo",
     "Grid",
     "LearnedAbsolute",
     "LieRE",
@@ -37,6 +38,7 @@ __all__ = [
     "VisionLlamaRoPE",
     "available",
     "build",
+    "encoding_info",
     "grid_coords",
     "register",
     "rotary_attention",
