@@ -38,11 +38,8 @@ ENCODINGS_1D = ("none", "rope", "rope-mixed", "liere8", "liere64", "reference", 
 class ReferenceRotations(Rotations):
     """Dense rotations applied the way the official LieRE code does: copied per sample, one ``bmm``."""
 
-    def _replace(self, **tensors: Tensor) -> Rotations:
-        return ReferenceRotations(self.head_dim, blocks=tensors["blocks"])
-
     def apply(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        self.check_input(x)
         batch, heads, n, d = x.shape
         mats = self.blocks[0, :, :, :, 0].expand(batch, heads, n, d, d).reshape(-1, d, d)
         return torch.bmm(mats, x.reshape(-1, d, 1)).reshape(x.shape)

@@ -1,17 +1,17 @@
 """liere: LieRE and the rotary position-encoding family behind one interface.
 
 pe = LieRE(head_dim=64, num_axes=2, num_heads=12, depth=12, block_size=8)
-rot = pe(grid_coords(14, 14))                 # Rotations for every layer, head and position
+rot = pe(Grid((14, 14)))                      # Rotations for every layer, head and position
 q, k = rot[layer].apply(q), rot[layer].apply(k)
 """
 
 from liere.absolute import LearnedAbsolute, NoPE, SinCosAbsolute
 from liere.attention import rotary_attention
 from liere.comrope import ComRoPE
-from liere.coords import grid_coords
+from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
-from liere.factory import available, build, register
+from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
@@ -24,6 +24,8 @@ __all__ = [
     "CayleySTRING",
     "CirculantSTRING",
     "ComRoPE",
+    "EncodingInfo",
+    "Grid",
     "LearnedAbsolute",
     "LieRE",
     "NoPE",
@@ -36,6 +38,7 @@ __all__ = [
     "VisionLlamaRoPE",
     "available",
     "build",
+    "encoding_info",
     "grid_coords",
     "register",
     "rotary_attention",

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liere.coords import check_coords
-from liere.encoding import PositionEncoding, check_positive_int
+from liere.coords import Grid
+from liere.encoding import PositionEncoding, check_positive_float, check_positive_int
 
 
 def _check_tokens(x: Tensor, coords: Tensor, dim: int) -> None:
@@ -47,8 +47,8 @@ class LearnedAbsolute(PositionEncoding):
         self.grid_shape = grid_shape
         self.table = nn.Parameter(torch.randn(1, dim, *grid_shape) * init_std)
 
-    def add_to_tokens(self, x: Tensor, coords: Tensor) -> Tensor:
-        coords = check_coords(coords, self.num_axes).float()
+    def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         table, sizes = self.table, list(self.grid_shape)
         if self.num_axes == 1:  # grid_sample needs 2-D: add a dummy axis of size 1 at coordinate 0
@@ -84,9 +84,9 @@ class SinCosAbsolute(PositionEncoding):
         self.dim = check_positive_int(dim, "dim")
         if dim % (2 * num_axes):
             raise ValueError(f"dim={dim} must be divisible by 2 * num_axes = {2 * num_axes} for sin-cos embeddings")
-        self.temperature = float(temperature)
+        self.temperature = check_positive_float(temperature, "temperature")
 
-    def add_to_tokens(self, x: Tensor, coords: Tensor) -> Tensor:
-        coords = check_coords(coords, self.num_axes).float()
+    def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         return x + sincos_embedding(coords, self.dim, self.temperature).to(x.dtype)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from liere.precision import apply_dtype
 from liere.rotations import Rotations
 
 
@@ -17,8 +17,6 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
     """
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    device = q.device.type
-    if rot.blocks is not None and torch.is_autocast_enabled(device):
-        # autocast would cast the block matrices in each of the two matmuls (two saved copies): cast once
-        rot = rot.to(torch.get_autocast_dtype(device))
+    if rot.kind == "blocks":  # cast the block matrices once for both matmuls (not twice: two saved copies)
+        rot = rot.to(apply_dtype(q.dtype, rot.dtype, q.device.type, matmul=True))
     return F.scaled_dot_product_attention(rot.apply(q), rot.apply(k), v, **sdpa_kwargs)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from liere.coords import arithmetic_progression
+from liere.coords import Progression
 from liere.expm import skew_expm, skew_expm_progression
 
 RECOMPUTE_FROM_BLOCK_SIZE = 16  # recompute=None: recompute from this block size up
@@ -25,17 +25,19 @@ def resolve_recompute(recompute: bool | None, block_size: int) -> bool:
     return block_size >= RECOMPUTE_FROM_BLOCK_SIZE if recompute is None else recompute
 
 
-def generator_exponentials(coords: Tensor, gens: Tensor, method: str = "auto", recompute: bool = False) -> Tensor:
+def generator_exponentials(
+    coords: Tensor, gens: Tensor, method: str = "auto", recompute: bool = False, progression: Progression | None = None
+) -> Tensor:
     """Blocks of ``exp(sum_a p_a G_a)``: coords ``(S, n, axes)``, generator blocks ``gens``
     ``(depth, heads, axes, nb, b, b)`` -> ``(depth, S, heads, n, nb, b, b)``.
 
-    For evenly spaced 1D coordinates (checked once per coordinates tensor, eager only) the blocks are powers of
-    one exponential per generator (``skew_expm_progression``, ~20x fewer matmuls). With ``recompute`` (and
+    For 1D coordinates known to be ``start + i * step`` (``progression``: a 1D ``Grid``, or a tensor found evenly
+    spaced by validation) the blocks are powers of one exponential per generator (``skew_expm_progression``, ~20x
+    fewer matmuls). With ``recompute`` (and
     gradients needed) the computation reruns in the backward (``torch.utils.checkpoint``), so only ``coords`` and
     ``gens`` are kept for it, not ~20 intermediates per matrix (~1 for powers).
     """
-    progression = arithmetic_progression(coords) if gens.shape[2] == 1 else None
-    if progression is None:
+    if progression is None or gens.shape[2] != 1:
         compute, args = partial(_direct, method=method), (coords, gens)
     else:
         compute, args = partial(_powers, progression=progression, n=coords.shape[1], method=method), (gens,)

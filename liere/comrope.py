@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from liere.block_exp import generator_exponentials, resolve_recompute
+from liere.coords import Progression
 from liere.encoding import LearnedEncoding, check_block_size
 from liere.linalg import block_diag, pair_block_params, skew_from_params
 from liere.rope import rope_frequencies
@@ -32,6 +33,8 @@ class ComRoPE(LearnedEncoding):
     per block, so at init ``"ap"`` is an axial RoPE and ``"ld"`` a RoPE-Mixed. ``method`` and ``recompute``
     as in ``LieRE`` (1D positions take the powers path there too).
     """
+
+    uses_progression = True  # 1D grids: powers of one exponential
 
     def __init__(
         self,
@@ -78,7 +81,8 @@ class ComRoPE(LearnedEncoding):
         gens = self._axis_weights(S.dtype)[..., None, None] * S
         return block_diag(gens, self.head_dim, fill_identity=False)
 
-    def rotations(self, coords: Tensor) -> Rotations:
+    def rotations(self, coords: Tensor, progression: Progression | None = None) -> Rotations:
         S = skew_from_params(self.blocks.to(coords), self.block_size)[:, :, None]  # (depth, heads, 1, nb, b, b)
         gens = self._axis_weights(coords.dtype)[..., None, None] * S  # (depth, heads, axes, nb, b, b)
-        return Rotations(self.head_dim, blocks=generator_exponentials(coords, gens, self.method, self.recompute))
+        blocks = generator_exponentials(coords, gens, self.method, self.recompute, progression)
+        return Rotations.from_blocks(blocks, self.head_dim)

@@ -1,12 +1,23 @@
-"""The interface shared by every position encoding: ``forward(coords) -> Rotations``."""
+"""The interface shared by every position encoding: ``forward(coords or Grid) -> Rotations``."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from liere.coords import check_coords
+from liere.coords import Grid, Progression, resolve_coords
+from liere.precision import build_dtype, building
 from liere.rotations import Rotations
+
+# Constructor arguments that define an encoding's shape, in the order ``extra_repr`` prints those it has.
+REPR_FIELDS = (
+    "dim", "head_dim", "num_axes", "num_heads", "depth", "block_size", "rot_dim", "variant", "grid_shape", "init",
+    "theta", "temperature", "coord_convention", "method", "recompute",
+)  # fmt: skip
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -16,8 +27,27 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_positive_float(value: object, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number > 0 (a frequency base), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_num_prefix_tokens(value: object) -> int:
+    """Return ``value`` if it is an int >= 0, else raise naming ``num_prefix_tokens``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"num_prefix_tokens must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {value!r}")
+    return value
+
+
 def resolve_rot_dim(head_dim: int, rot_dim: int | None, multiple: int, why: str) -> int:
-    """Rotated width: ``rot_dim`` (default ``head_dim``), checked to be <= head_dim and divisible by ``multiple``."""
+    """Rotated width: ``rot_dim`` (default ``head_dim``), checked to be <= head_dim and divisible by ``multiple``;
+    errors name the argument the user gave (``head_dim`` when ``rot_dim`` is None)."""
     check_positive_int(head_dim, "head_dim")
     rot = head_dim if rot_dim is None else check_positive_int(rot_dim, "rot_dim")
     if rot > head_dim:
@@ -41,15 +71,24 @@ def default_theta(num_axes: int) -> float:
 
 
 class PositionEncoding(nn.Module):
-    """Base class: maps coordinates ``(n, num_axes)`` or ``(batch, n, num_axes)`` to ``Rotations``.
+    """Base class: maps coordinates ``(n, num_axes)``, ``(batch, n, num_axes)`` or a ``Grid`` to ``Rotations``.
 
     Rotary encodings override ``rotations``; additive ones (absolute embeddings) override
     ``add_to_tokens`` and return identity rotations, so a model handles every encoding with one code path:
 
-        x = pe.add_to_tokens(x, coords)               # (batch, n, dim): adds absolute embeddings, if any
-        rot = pe(coords, num_prefix_tokens=1)        # identity for the CLS token
+        x = pe.add_to_tokens(x, grid)                 # (batch, n, dim): adds absolute embeddings, if any
+        rot = pe(grid, num_prefix_tokens=1)          # identity for the CLS token
         q, k = rot.for_layer(i).apply(q), rot.for_layer(i).apply(k)
+
+    Encodings with a faster path for evenly spaced 1D positions set ``uses_progression``; their ``rotations``
+    then also receives ``progression=(start, step)`` when it is known: always for a 1D ``Grid`` (no device
+    sync), and for a 1D coordinates tensor when the per-call validation finds it evenly spaced (eager only).
+    Buffers named in ``fp32_buffers`` (fixed frequency tables) keep their dtype when the module is cast
+    (``model.to(torch.bfloat16)``): only their device follows.
     """
+
+    uses_progression: ClassVar[bool] = False
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, head_dim: int, num_axes: int, depth: int = 1) -> None:
         super().__init__()
@@ -57,28 +96,57 @@ class PositionEncoding(nn.Module):
         self.num_axes = check_positive_int(num_axes, "num_axes")
         self.depth = check_positive_int(depth, "depth")
 
-    def forward(self, coords: Tensor, num_prefix_tokens: int = 0) -> Rotations:
+    def forward(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
         """Rotations for ``coords``; the first ``num_prefix_tokens`` positions (CLS, registers) stay unrotated.
 
-        All frequency/generator math runs in fp32 (or fp64 for fp64 coords) with autocast disabled.
+        A tensor is validated on every call (shape, dtype, finite values: one device sync, skipped under
+        tracing); a ``Grid`` needs no validation of values. All frequency/generator math runs in fp32 (or fp64
+        for fp64 coords) with autocast disabled (``liere.precision``).
         """
-        coords = check_coords(coords, self.num_axes)
-        coords = coords.to(torch.promote_types(coords.dtype, torch.float32))
-        with torch.autocast(device_type=coords.device.type, enabled=False):
-            rot = self.rotations(coords)
+        num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
+        values, progression = self.resolve(coords, detect_progression=self.uses_progression)
+        with building(values.device.type):
+            rot = self.rotations(values) if progression is None else self.rotations(values, progression=progression)
         return rot.with_prefix(num_prefix_tokens)
 
-    def rotations(self, coords: Tensor) -> Rotations:
+    def resolve(
+        self, coords: Tensor | Grid, detect_progression: bool = False, like: Tensor | None = None
+    ) -> tuple[Tensor, Progression | None]:
+        """Validated coordinates ``(S, n, num_axes)`` in at least fp32 and their 1D progression (if asked and known).
+
+        A ``Grid`` is built on ``like``'s device (default: that of the encoding's parameters or buffers, else
+        the CPU), in fp32 or, for an fp64 encoding, fp64.
+        """
+        if like is None:
+            like = next(iter(self.parameters()), None)
+        if like is None:
+            like = next(iter(self.buffers()), torch.zeros(()))
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        values, progression = resolve_coords(coords, self.num_axes, like.device, dtype, detect_progression)
+        return values.to(build_dtype(values.dtype)), progression
+
+    def rotations(self, coords: Tensor, progression: Progression | None = None) -> Rotations:
         """Rotations for validated coords ``(S, n, num_axes)``; the identity unless overridden."""
         return Rotations.identity(self.head_dim, coords.shape[1])
 
-    def add_to_tokens(self, x: Tensor, coords: Tensor) -> Tensor:
+    def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
         """Add an absolute embedding to tokens ``x`` ``(batch, n, dim)`` (prefix tokens excluded); identity here."""
         return x
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
         return {name for name, _ in self.named_parameters()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PositionEncoding:
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype."""
+        kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(device=self._buffers[name].device)
+        return self
 
 
 class LearnedEncoding(PositionEncoding):
@@ -102,7 +170,7 @@ class LearnedEncoding(PositionEncoding):
         super().__init__(head_dim, num_axes, depth)
         self.num_heads = check_positive_int(num_heads, "num_heads")
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, multiple, why)
-        self.theta = default_theta(num_axes) if theta is None else float(theta)
+        self.theta = default_theta(num_axes) if theta is None else check_positive_float(theta, "theta")
 
     @staticmethod
     def init_generator(seed: int | None) -> torch.Generator | None:

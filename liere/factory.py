@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from liere.absolute import LearnedAbsolute, NoPE, SinCosAbsolute
 from liere.comrope import ComRoPE
@@ -16,19 +17,46 @@ from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
 
 Builder = Callable[..., PositionEncoding]
-_REGISTRY: dict[str, tuple[re.Pattern[str], Builder]] = {}
 
 
-def register(pattern: str) -> Callable[[Builder], Builder]:
-    """Register a builder for specs matching the regex ``pattern`` (matched whole).
+@dataclass(frozen=True)
+class EncodingInfo:
+    """What the registry knows about an encoding: its spec ``name`` (``<group>`` for a pattern's named group),
+    an ``example`` spec that builds, the numbers of coordinate ``axes`` it supports, whether it has ``learned``
+    parameters, and a one-line ``help``."""
+
+    name: str
+    pattern: re.Pattern[str]
+    builder: Builder
+    example: str
+    axes: tuple[int, ...]
+    learned: bool
+    help: str
+
+
+_REGISTRY: dict[str, EncodingInfo] = {}
+
+
+def register(
+    pattern: str, *, example: str | None = None, axes: Sequence[int] = (1, 2, 3), learned: bool = False, help: str = ""
+) -> Callable[[Builder], Builder]:
+    """Register a builder for specs matching the regex ``pattern`` (matched whole), with its metadata.
 
     The builder (a function or an encoding class) gets those of the keyword arguments ``head_dim, num_axes,
     num_heads, depth, dim, grid_shape`` that its signature names, the regex's named groups (as ints when
-    numeric) and the spec's options.
+    numeric) and the spec's options. ``example`` (default: ``pattern`` itself) must be a spec the pattern
+    matches; the contract tests (``tests/test_contract.py``) build it for every entry of ``axes``.
     """
+    name = re.sub(r"\(\?P<(\w+)>[^)]*\)\??", r"<\1>", pattern)
+    example = pattern if example is None else example
+    compiled = re.compile(pattern)
+    if compiled.fullmatch(example) is None:
+        raise ValueError(f"register: example {example!r} does not match the pattern {pattern!r}")
+    if not axes or not all(isinstance(a, int) and a >= 1 for a in axes):
+        raise ValueError(f"register: axes must be positive ints, got {axes!r}")
 
     def decorate(builder: Builder) -> Builder:
-        _REGISTRY[pattern] = (re.compile(pattern), builder)
+        _REGISTRY[name] = EncodingInfo(name, compiled, builder, example, tuple(axes), learned, help)
         return builder
 
     return decorate
@@ -36,7 +64,14 @@ def register(pattern: str) -> Callable[[Builder], Builder]:
 
 def available() -> list[str]:
     """The registered spec names, with ``<group>`` for a pattern's named group (e.g. ``liere<block_size>``)."""
-    return [re.sub(r"\(\?P<(\w+)>[^)]*\)\??", r"<\1>", pattern) for pattern in _REGISTRY]
+    return list(_REGISTRY)
+
+
+def encoding_info(name: str) -> EncodingInfo:
+    """The registry entry of ``name`` (one of ``available()``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(available())}")
+    return _REGISTRY[name]
 
 
 def _parse_value(text: str) -> object:
@@ -81,8 +116,8 @@ def build(
     ``dim`` (model width) is needed by additive encodings, ``grid_shape`` by the learned absolute table.
     """
     name, spec_options = parse_spec(spec)
-    for pattern, builder in _REGISTRY.values():
-        match = pattern.fullmatch(name)
+    for info in _REGISTRY.values():
+        builder, match = info.builder, info.pattern.fullmatch(name)
         if match is None:
             continue
         common = dict(
@@ -111,15 +146,43 @@ def _abs(dim: int, grid_shape: Sequence[int] | None, num_axes: int, head_dim: in
     return LearnedAbsolute(dim, grid_shape, head_dim, **options)
 
 
-register("none")(NoPE)
-register("abs")(_abs)
-register("sincos")(SinCosAbsolute)
-register("rope")(_rope)
-register("axial-rope")(AxialRoPE)
-register("rope-mixed")(RoPEMixed)
-register(r"liere(?P<block_size>\d+)?")(LieRE)
-register("visionllama")(VisionLlamaRoPE)
-register("string-cayley")(CayleySTRING)
-register("string-circulant")(CirculantSTRING)
-register(r"comrope-(?P<variant>ap|ld)(?P<block_size>\d+)?")(ComRoPE)
-register("rope-basis")(RoPEBasis)
+register("none", help="no position information")(NoPE)
+register("abs", learned=True, help="learned absolute table over the training grid (interpolated/clamped elsewhere)")(
+    _abs
+)
+register("sincos", help="fixed 1D/2D/3D sin-cos absolute embedding")(SinCosAbsolute)
+register("rope", axes=(1,), help="1D RoPE (`theta=10000`), identical to rotary-embedding-torch")(_rope)
+register("axial-rope", axes=(2, 3), help="axial RoPE for 2D/3D, features split across axes (`theta=100`, rope-vit)")(
+    AxialRoPE
+)
+register(
+    "rope-mixed", learned=True, help="RoPE-Mixed: learned per-layer, per-head frequencies mixing axes (`theta=10`)"
+)(RoPEMixed)
+register(
+    r"liere(?P<block_size>\d+)?",
+    example="liere8",
+    learned=True,
+    help="LieRE with block size `block_size` (default 8); `liere2` = RoPE-Mixed, `liere64` = dense for head_dim 64",
+)(LieRE)
+register(
+    "visionllama",
+    axes=(2, 3),
+    help="the LieRE paper's fixed 2D baseline, with its `[0, 1]` coordinate convention as an option",
+)(VisionLlamaRoPE)
+register("string-cayley", learned=True, help="STRING: commuting generators, `P RoPE(p) P^T` with Cayley `P`")(
+    CayleySTRING
+)
+register("string-circulant", learned=True, help="STRING with skew-circulant generators, exponentiated via FFT")(
+    CirculantSTRING
+)
+register(
+    r"comrope-(?P<variant>ap|ld)(?P<block_size>\d+)?",
+    example="comrope-ap8",
+    learned=True,
+    help="ComRoPE: commuting block-diagonal generators (axis-partitioned or linearly dependent)",
+)(ComRoPE)
+register(
+    "rope-basis",
+    learned=True,
+    help="RoPE with learned frequencies in a learned orthogonal basis: what LieRE reduces to in 1D",
+)(RoPEBasis)

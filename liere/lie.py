@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from liere.block_exp import generator_exponentials, resolve_recompute
+from liere.coords import Progression
 from liere.encoding import LearnedEncoding, check_block_size
 from liere.linalg import block_diag, num_skew_params, pair_block_params, skew_from_params
-from liere.rope import mixed_frequencies, pair_rotations
+from liere.rope import mixed_frequencies
 from liere.rotations import Rotations
 
 INITS = ("rope", "uniform", "normal")
@@ -34,9 +35,10 @@ class LieRE(LearnedEncoding):
       (``grid_coords(..., spacing=1/(n-1))``); with integer coordinates norms reach the thousands.
     - ``"normal"``: small-norm ``N(0, init_std^2)`` entries.
 
-    Speed and memory (``block_size >= 3``): for 1D coordinates that are evenly spaced (token indices, checked
-    once per coordinates tensor) the rotations are powers of one exponential per generator
-    (``skew_expm_progression``), about 20x fewer matmuls than one exponential per position. With
+    Speed and memory (``block_size >= 3``): for 1D coordinates known to be evenly spaced (a 1D ``Grid``, also
+    compiled; or a coordinates tensor found evenly spaced by the per-call validation, eager only) the rotations
+    are powers of one exponential per generator (``skew_expm_progression``), about 20x fewer matmuls than one
+    exponential per position. With
     ``recompute=True`` the rotations are recomputed in the backward instead of keeping their intermediates
     for it (``torch.utils.checkpoint``; ~20 per matrix for ``skew_expm``, ~1 for powers): about a third more
     rotation time for a fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up
@@ -66,6 +68,7 @@ class LieRE(LearnedEncoding):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.init, self.method = init, method
         self.recompute = resolve_recompute(recompute, block_size)
+        self.uses_progression = block_size >= 3  # 1D grids: powers of one exponential
         gen = self.init_generator(seed)
         num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
         shape = (depth, num_heads, num_axes, num_blocks, m)
@@ -85,6 +88,12 @@ class LieRE(LearnedEncoding):
         depth, heads, axes, num_blocks, _ = shape
         b = self.block_size
         pairs_per_block = b // 2
+        if axes > 1 and num_blocks * pairs_per_block % 2:
+            width = f"rot_dim={self.rot_dim}" if self.rot_dim != self.head_dim else f"head_dim={self.head_dim}"
+            raise ValueError(
+                f"init='rope' over {axes} axes needs an even number of feature pairs, but {width} in blocks of "
+                f"block_size={b} holds {num_blocks * pairs_per_block}; change head_dim/block_size or use init='normal'"
+            )
         freqs = mixed_frequencies(num_blocks * pairs_per_block, axes, heads, depth, self.theta, gen)
         return pair_block_params(freqs.unflatten(-1, (num_blocks, pairs_per_block)), b)
 
@@ -96,9 +105,10 @@ class LieRE(LearnedEncoding):
         """Dense generators ``(depth, num_heads, num_axes, head_dim, head_dim)``: skew, block-diagonal."""
         return block_diag(self.generator_blocks(), self.head_dim, fill_identity=False)
 
-    def rotations(self, coords: Tensor) -> Rotations:
+    def rotations(self, coords: Tensor, progression: Progression | None = None) -> Rotations:
         params = self.generators.to(coords)
         if self.block_size == 2:
-            return pair_rotations(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
+            return Rotations.from_angles(torch.einsum("sna,dhap->dshnp", coords, params[..., 0]), self.head_dim)
         gens = skew_from_params(params, self.block_size)
-        return Rotations(self.head_dim, blocks=generator_exponentials(coords, gens, self.method, self.recompute))
+        blocks = generator_exponentials(coords, gens, self.method, self.recompute, progression)
+        return Rotations.from_blocks(blocks, self.head_dim)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import LearnedEncoding, PositionEncoding, resolve_rot_dim
+from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, resolve_rot_dim
 from liere.rotations import Rotations
 
 
@@ -16,9 +16,12 @@ def rope_frequencies(rot_dim: int, theta: float, step: int = 2) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, rot_dim, step)[: rot_dim // step].float() / rot_dim))
 
 
-def pair_rotations(angles: Tensor, head_dim: int) -> Rotations:
-    """Rotations from angles ``(depth, S, H, n, pairs)`` of the feature pairs ``(2j, 2j+1)``."""
-    return Rotations(head_dim, cos=angles.cos(), sin=angles.sin())
+def mixed_width(num_axes: int, name: str) -> tuple[int, str]:
+    """What the rotated width of ``mixed_frequencies`` must be a multiple of (2 in 1D, else 4: the pairs come in
+    two halves), and why, for the error message of encoding ``name``."""
+    if num_axes == 1:
+        return 2, f"{name} rotates feature pairs"
+    return 4, f"{name}'s mixed frequencies over {num_axes} axes come in two halves of feature pairs"
 
 
 def mixed_frequencies(
@@ -35,7 +38,7 @@ def mixed_frequencies(
     if num_axes == 1:
         return rope_frequencies(rot_dim, theta).expand(depth, num_heads, 1, num_pairs).clone()
     if num_pairs % 2:
-        raise ValueError(f"rot_dim={rot_dim} must be divisible by 4 for mixed frequencies over {num_axes} axes")
+        raise ValueError(f"mixed frequencies over {num_axes} axes need an even number of pairs, got {num_pairs}")
     mag = rope_frequencies(rot_dim, theta, step=4).repeat(2)  # (pairs,)
     if num_axes == 2:
         phi = torch.rand(depth, num_heads, 1, generator=generator) * 2 * math.pi
@@ -53,18 +56,20 @@ class RoPE(PositionEncoding):
     """Rotary position embedding (Su et al.) for 1D positions, identical to rotary-embedding-torch.
 
     Pair ``j`` = features ``(2j, 2j+1)`` rotates by ``p * theta ** (-2j / rot_dim)``; features beyond
-    ``rot_dim`` pass through. No parameters.
+    ``rot_dim`` pass through. No parameters; the frequencies ``freqs`` stay fp32 when the module is cast.
     """
+
+    fp32_buffers = ("freqs",)
 
     def __init__(self, head_dim: int, theta: float = 10000.0, rot_dim: int | None = None) -> None:
         super().__init__(head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
-        self.theta = float(theta)
+        self.theta = check_positive_float(theta, "theta")
         self.register_buffer("freqs", rope_frequencies(self.rot_dim, self.theta), persistent=False)
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = coords[..., 0, None] * self.freqs.to(coords)  # (S, n, pairs)
-        return pair_rotations(angles[None, :, None], self.head_dim)
+        return Rotations.from_angles(angles[None, :, None], self.head_dim)
 
 
 class AxialRoPE(PositionEncoding):
@@ -72,8 +77,11 @@ class AxialRoPE(PositionEncoding):
 
     The rotated pairs are split into ``num_axes`` contiguous groups; group ``a`` rotates by
     ``p_a * theta ** (-2 * num_axes * j / rot_dim)``. ``rot_dim`` defaults to the largest multiple of
-    ``2 num_axes`` <= ``head_dim`` (e.g. 60 of 64 features for 3 axes; the rest pass through). No parameters.
+    ``2 num_axes`` <= ``head_dim`` (e.g. 60 of 64 features for 3 axes; the rest pass through). No parameters;
+    the frequencies ``freqs`` stay fp32 when the module is cast.
     """
+
+    fp32_buffers = ("freqs",)
 
     def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
         super().__init__(head_dim, num_axes)
@@ -82,13 +90,13 @@ class AxialRoPE(PositionEncoding):
             if rot_dim == 0:
                 raise ValueError(f"head_dim={head_dim} is too small: each of the {num_axes} axes needs a feature pair")
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2 * num_axes, f"each of the {num_axes} axes rotates pairs")
-        self.theta = float(theta)
+        self.theta = check_positive_float(theta, "theta")
         freqs = rope_frequencies(self.rot_dim, self.theta, step=2 * num_axes)  # (pairs per axis,)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = (coords[..., :, None] * self.freqs.to(coords)).flatten(-2)  # (S, n, axes * pairs per axis)
-        return pair_rotations(angles[None, :, None], self.head_dim)
+        return Rotations.from_angles(angles[None, :, None], self.head_dim)
 
 
 class RoPEMixed(LearnedEncoding):
@@ -108,11 +116,11 @@ class RoPEMixed(LearnedEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 2, "RoPE-Mixed rotates feature pairs", theta)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, *mixed_width(num_axes, "RoPE-Mixed"), theta)
         gen = self.init_generator(seed)
         init = mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen)
         self.freqs = nn.Parameter(init)  # (depth, heads, axes, pairs)
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))
-        return pair_rotations(angles, self.head_dim)
+        return Rotations.from_angles(angles, self.head_dim)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from liere.encoding import LearnedEncoding, PositionEncoding
 from liere.linalg import block_diag, num_skew_params, skew_from_params
-from liere.rope import mixed_frequencies
+from liere.rope import mixed_frequencies, mixed_width
 from liere.rotations import Rotations
 
 
@@ -28,15 +28,6 @@ def pair_generators(freqs: Tensor) -> Tensor:
     ``exp(p * pair_generators(w))`` is RoPE's ``blockdiag(rot(p * w_j))``.
     """
     return block_diag(skew_from_params(freqs[..., None], 2), 2 * freqs.shape[-1], fill_identity=False)
-
-
-def basis_rotations(basis: Tensor, angles: Tensor, head_dim: int) -> Rotations:
-    """Rotations ``Q blockdiag(rot(angles_j)) Q^T`` kept factored (``Rotations`` with a ``basis``).
-
-    ``basis`` ``Q``: orthogonal ``(depth, H, r, r)``; ``angles``: ``(depth, S, H, n, r // 2)``. Applying costs
-    two ``r x r`` matvecs and the elementwise pair rotation per position; nothing ``r^2`` is built per position.
-    """
-    return Rotations(head_dim, cos=angles.cos(), sin=angles.sin(), basis=basis.unsqueeze(1))
 
 
 class RoPEBasis(LearnedEncoding):
@@ -60,7 +51,9 @@ class RoPEBasis(LearnedEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 2, "the basis rotates feature pairs", theta)
+        super().__init__(
+            head_dim, num_axes, num_heads, depth, rot_dim, *mixed_width(num_axes, type(self).__name__), theta
+        )
         gen = self.init_generator(seed)
         self.freqs = nn.Parameter(mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen))
         self.skew = nn.Parameter(torch.zeros(depth, num_heads, num_skew_params(self.rot_dim)))
@@ -80,7 +73,7 @@ class RoPEBasis(LearnedEncoding):
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))
-        return basis_rotations(self.orthogonal_basis(coords.dtype), angles, self.head_dim)
+        return Rotations.from_angles(angles, self.head_dim, basis=self.orthogonal_basis(coords.dtype))
 
     @classmethod
     def from_liere(cls, liere: PositionEncoding) -> RoPEBasis:

@@ -8,25 +8,29 @@ import torch
 from torch import Tensor
 
 from liere.linalg import block_diag
+from liere.precision import apply_dtype
 
 
 class Rotations:
     """Block-diagonal orthogonal matrices ``R(p)`` for every layer, sample, head and position.
 
-    Three storage kinds, all with leading layout ``(depth, S, H, n)``, where ``S`` is 1 when coordinates
-    are shared by the batch (else the batch size) and ``H`` is 1 when heads share rotations:
+    Four storage kinds (``kind``), each with its constructor, all with leading layout ``(depth, S, H, n)``, where
+    ``S`` is 1 when coordinates are shared by the batch (else the batch size) and ``H`` is 1 when heads share
+    rotations:
 
-    - pairs (block size 2): ``cos``, ``sin`` of shape ``(depth, S, H, n, rot_dim // 2)``, applied
-      elementwise to the interleaved feature pairs ``(2j, 2j+1)`` exactly as rotary-embedding-torch does;
-    - pairs in a basis: the same ``cos``, ``sin`` plus an orthogonal ``basis`` ``Q`` of shape
-      ``(depth, S, H, rot_dim, rot_dim)`` shared by all positions: ``R(p) = Q rot(p) Q^T``, applied as two small
-      matmuls around the elementwise rotation (commuting encodings: STRING, RoPE in a learned basis);
-    - blocks (block size ``b >= 3``): ``blocks`` of shape ``(depth, S, H, n, rot_dim // b, b, b)``, applied
-      with one batched matmul in which the batch dimension rides along the matrix columns;
-    - identity (additive or no encoding): nothing stored.
+    - ``"pairs"`` (block size 2, ``from_angles``): ``cos``, ``sin`` of shape ``(depth, S, H, n, rot_dim // 2)``,
+      applied elementwise to the interleaved feature pairs ``(2j, 2j+1)`` exactly as rotary-embedding-torch does;
+    - ``"pairs_in_basis"`` (``from_angles(..., basis=Q)``): the same ``cos``, ``sin`` plus an orthogonal ``basis``
+      ``Q`` of shape ``(depth, S, H, rot_dim, rot_dim)`` shared by all positions: ``R(p) = Q rot(p) Q^T``, applied
+      as two small matmuls around the elementwise rotation (commuting encodings: STRING, RoPE in a learned basis);
+    - ``"blocks"`` (block size ``b >= 3``, ``from_blocks``): ``blocks`` of shape
+      ``(depth, S, H, n, rot_dim // b, b, b)``, applied with one batched matmul in which the batch dimension rides
+      along the matrix columns;
+    - ``"identity"`` (additive or no encoding, ``identity``): nothing stored.
 
     Features ``[rot_dim, head_dim)`` pass through unchanged. Use ``rot[i]`` for layer ``i``'s rotations
-    (or ``rot.for_layer(i)``, which also accepts depth-1 rotations shared by all layers).
+    (or ``rot.for_layer(i)``, which also accepts depth-1 rotations shared by all layers). Precision follows
+    ``liere.precision``.
     """
 
     def __init__(
@@ -63,6 +67,8 @@ class Rotations:
         self.rot_dim = rot_dim
         self.cos, self.sin, self.blocks, self.basis = cos, sin, blocks, basis
         self._lead: tuple[int, int, int, int] = lead  # (depth, S, H, n)
+        kind = "pairs_in_basis" if basis is not None else "pairs" if cos is not None else "identity"
+        self.kind = "blocks" if blocks is not None else kind  # "identity" | "pairs" | "pairs_in_basis" | "blocks"
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -70,11 +76,23 @@ class Rotations:
         """Rotations that leave every vector unchanged (the result of additive or no encodings)."""
         return cls(head_dim, shape=(depth, 1, 1, num_positions))
 
+    @classmethod
+    def from_angles(cls, angles: Tensor, head_dim: int, basis: Tensor | None = None) -> Rotations:
+        """Pair rotations by ``angles`` ``(depth, S, H, n, pairs)`` of the feature pairs ``(2j, 2j+1)``; with an
+        orthogonal ``basis`` ``Q`` ``(depth, H, 2 pairs, 2 pairs)`` (shared by samples and positions) the rotations
+        ``Q rot(angles) Q^T`` kept factored: nothing ``r x r`` is built per position."""
+        return cls(head_dim, cos=angles.cos(), sin=angles.sin(), basis=None if basis is None else basis.unsqueeze(1))
+
+    @classmethod
+    def from_blocks(cls, blocks: Tensor, head_dim: int) -> Rotations:
+        """Block rotations from orthogonal ``blocks`` ``(depth, S, H, n, rot_dim // b, b, b)``."""
+        return cls(head_dim, blocks=blocks)
+
     def _replace(self, **tensors: Tensor) -> Rotations:
-        """Same kind of rotations with new stored tensors (not for the identity)."""
+        """Same kind (and class) of rotations with new stored tensors (not for the identity)."""
         if self.blocks is not None:
-            return Rotations(self.head_dim, blocks=tensors["blocks"])
-        return Rotations(self.head_dim, cos=tensors["cos"], sin=tensors["sin"], basis=tensors.get("basis"))
+            return type(self)(self.head_dim, blocks=tensors["blocks"])
+        return type(self)(self.head_dim, cos=tensors["cos"], sin=tensors["sin"], basis=tensors.get("basis"))
 
     def _map(self, fn: Any) -> Rotations:
         """Apply ``fn`` to every stored tensor (same shape kind out)."""
@@ -194,7 +212,7 @@ class Rotations:
 
         Computed in the promoted dtype of ``x`` and the rotations (fp32 by default), returned in ``x``'s dtype.
         """
-        self._check_input(x)
+        self.check_input(x)
         if self.is_identity:
             return x
         if self.depth != 1:
@@ -210,7 +228,8 @@ class Rotations:
         full[..., self.rot_dim :] = passthrough
         return full
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
+        """Raise unless ``x`` is ``(batch, heads, n, head_dim)`` fitting these rotations."""
         _, s, h, n = self._lead
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -228,7 +247,8 @@ class Rotations:
     def _apply_pairs(self, x: Tensor) -> Tensor:
         cos, sin = self.cos.squeeze(0), self.sin.squeeze(0)  # (S, H, n, pairs): broadcast over (batch, heads, n, pairs)
         if self.basis is not None:  # rows: x Q = (Q^T x)^T, then rotate pairs, then back with Q^T
-            Q = self.basis.squeeze(0).to(torch.promote_types(x.dtype, self.basis.dtype))  # (S, H, r, r)
+            Q = self.basis.squeeze(0)  # (S, H, r, r)
+            Q = Q.to(apply_dtype(x.dtype, Q.dtype, x.device.type, matmul=False))
             x = x.to(Q.dtype) @ Q
         x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
         out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
@@ -239,9 +259,7 @@ class Rotations:
         _, s, h, _ = self._lead
         b = self.block_size
         xb = x.unflatten(-1, (-1, b))  # (batch, heads, n, nb, b)
-        dtype, device = torch.promote_types(x.dtype, mats.dtype), x.device.type
-        if torch.is_autocast_enabled(device) and dtype != torch.float64:
-            dtype = torch.get_autocast_dtype(device)  # what einsum would run in under autocast
+        dtype = apply_dtype(x.dtype, mats.dtype, x.device.type, matmul=True)  # what einsum would use
         # Squeeze the shared sample/head dims so that einsum batches over (heads, n, nb) and lets the
         # batch ride along the matrix columns: the rotations are never copied per sample.
         mat_idx = ("z" if s > 1 else "") + ("h" if h > 1 else "") + "nicd"

@@ -109,4 +109,4 @@ class CirculantSTRING(LearnedEncoding):
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhak->dshnk", coords, self.eigen_frequencies(coords.dtype))
         row = torch.fft.fft(torch.polar(torch.ones_like(angles), angles)).real / self.rot_dim
-        return Rotations(self.head_dim, blocks=circulant(row).unsqueeze(-3))
+        return Rotations.from_blocks(circulant(row).unsqueeze(-3), self.head_dim)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liere import PositionEncoding
-from liere.coords import CoordsCache
+from liere import Grid, PositionEncoding
 from liere.encoding import check_positive_int
 from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
@@ -18,7 +17,7 @@ LM_SIZES: dict[str, dict[str, int]] = {
 
 
 class CharLM(nn.Module):
-    """Causal transformer LM over token ids; positions are token indices ``grid_coords(T)`` (0, 1, ..., T-1).
+    """Causal transformer LM over token ids; positions are token indices ``Grid((T,))`` (0, 1, ..., T-1).
 
     ``context`` is the training length: it sizes the ``"abs"`` table and is the default of ``size``'s preset.
     Sequences longer than ``context`` are accepted (length extrapolation): rotary encodings just see larger
@@ -65,7 +64,6 @@ class CharLM(nn.Module):
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, causal=True)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        self._coords = CoordsCache()
 
         self.apply(init_weights)
         nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
@@ -77,9 +75,9 @@ class CharLM(nn.Module):
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.is_floating_point():
             shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"idx must be an integer tensor (batch, T), got {shape}")
-        coords = self._coords((idx.shape[1],), (1.0,), idx.device)
-        x = self.encoding.add_to_tokens(self.token_embed(idx), coords)
-        x = self.transformer(self.drop(x), self.encoding(coords))
+        grid = Grid((idx.shape[1],))
+        x = self.encoding.add_to_tokens(self.token_embed(idx), grid)
+        x = self.transformer(self.drop(x), self.encoding(grid))
         return self.head(self.norm(x))
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:

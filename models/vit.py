@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from liere import PositionEncoding
-from liere.coords import CoordsCache
+from liere import Grid, PositionEncoding
 from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -100,7 +99,6 @@ class ViT(nn.Module):
         self.transformer = Transformer(self.dim, depth, heads, mlp_ratio, dropout)
         self.norm = nn.LayerNorm(self.dim)
         self.head = nn.Linear(self.dim, num_classes)
-        self._coords = CoordsCache()
 
         self.apply(init_weights)
         for token in (self.cls_token, self.registers):
@@ -113,24 +111,28 @@ class ViT(nn.Module):
             raise ValueError(f"{name}: spatial size {spatial} must be divisible by the patch size {self.patch_size}")
         return tuple(s // p for s, p in zip(spatial, self.patch_size, strict=True))
 
+    def grid(self, shape: Sequence[int]) -> Grid:
+        """The ``Grid`` of a patch grid of ``shape``, placed according to ``coord_scale``."""
+        if self.coord_scale == "stretch":
+            return Grid(
+                tuple(shape), [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, shape, strict=True)]
+            )
+        return Grid(tuple(shape))
+
     def coords(self, grid: Sequence[int], device: torch.device | str | None = None) -> Tensor:
         """Patch coordinates ``(prod(grid), num_axes)`` for a patch grid, placed according to ``coord_scale``."""
-        if self.coord_scale == "stretch":
-            spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
-        else:
-            spacing = [1.0] * self.num_axes
-        return self._coords(grid, spacing, torch.device(device or "cpu"))
+        return self.grid(grid).coords(device)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """All tokens after the final norm, ``(B, num_prefix_tokens + num_patches, dim)``."""
         self._check_images(images)
         patches = self.patch_embed(images)  # (B, dim, *grid)
         x = patches.flatten(2).transpose(1, 2)
-        coords = self.coords(patches.shape[2:], images.device)
-        x = self.encoding.add_to_tokens(x, coords)
+        grid = self.grid(patches.shape[2:])
+        x = self.encoding.add_to_tokens(x, grid)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.registers) if t is not None]
         x = torch.cat([*prefix, x], dim=1)
-        rot = self.encoding(coords, num_prefix_tokens=self.num_prefix_tokens)
+        rot = self.encoding(grid, num_prefix_tokens=self.num_prefix_tokens)
         return self.norm(self.transformer(x, rot))
 
     def forward(self, images: Tensor) -> Tensor:

@@ -211,7 +211,7 @@ def test_bf16_autocast_with_large_coordinates_has_no_nan() -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: CayleySTRING(15, 2), "head_dim=15 must be divisible by 2"),
+        (lambda: CayleySTRING(15, 2), "head_dim=15 must be divisible by 4"),
         (lambda: RoPEBasis(8, rot_dim=5), "rot_dim=5 must be divisible by 2"),
         (lambda: CayleySTRING(16, 2, rot_dim=10), "divisible by 4"),
         (lambda: CirculantSTRING(16, 2, rot_dim=2), "rot_dim must be >= 3"),

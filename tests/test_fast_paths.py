@@ -9,10 +9,9 @@ import pytest
 import scipy.linalg
 import torch
 
-import liere.block_exp
 from bench.step import saved_mib
-from liere import ComRoPE, LieRE, Rotations, grid_coords, rotary_attention
-from liere.coords import arithmetic_progression, check_coords
+from liere import ComRoPE, Grid, LieRE, Rotations, grid_coords, rotary_attention
+from liere.coords import check_coords, inspect_coords
 from liere.expm import orthogonality_error, skew_expm_progression
 
 
@@ -56,7 +55,7 @@ def test_progression_bad_arguments(n: object, start: float, step: float, error: 
 
 def test_arithmetic_progression_detection() -> None:
     def detect(coords: torch.Tensor) -> tuple[float, float] | None:
-        return arithmetic_progression(check_coords(coords, coords.shape[-1]))
+        return inspect_coords(check_coords(coords, coords.shape[-1]), detect_progression=True)
 
     assert detect(grid_coords(10)) == (0.0, 1.0)
     start, step = detect(grid_coords(1000, spacing=1 / 999))
@@ -68,18 +67,15 @@ def test_arithmetic_progression_detection() -> None:
     assert detect(grid_coords(2, 3)) is None  # 2D
     coords = grid_coords(6)
     assert detect(coords) == (0.0, 1.0)
-    coords[2] = 7.0  # in place: the cached answer is dropped
+    coords.numpy()[2] = 7.0  # in place behind autograd's back (no version bump): still seen, nothing is cached
     assert detect(coords) is None
 
 
-def general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(liere.block_exp, "arithmetic_progression", lambda coords: None)
-
-
-def rotate_and_grads(pe: LieRE | ComRoPE, coords: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def rotate_and_grads(pe: LieRE | ComRoPE, coords: torch.Tensor | Grid) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Rotated queries of every layer, and the gradients of a random loss for the queries and generators."""
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(3, pe.num_heads, coords.shape[0] + 1, pe.head_dim, generator=gen, requires_grad=True)
+    n = coords.num_positions if isinstance(coords, Grid) else coords.shape[0]
+    q = torch.randn(3, pe.num_heads, n + 1, pe.head_dim, generator=gen, requires_grad=True)
     rot = pe(coords, num_prefix_tokens=1)
     out = torch.stack([rot.for_layer(i).apply(q) for i in range(pe.depth)])
     (out * torch.randn(out.shape, generator=gen)).sum().backward()
@@ -93,15 +89,19 @@ def rotate_and_grads(pe: LieRE | ComRoPE, coords: torch.Tensor) -> tuple[torch.T
 def test_liere_1d_progression_path_equals_general_path(b: int, spacing: float, monkeypatch: pytest.MonkeyPatch) -> None:
     init = "uniform" if spacing < 1 else "rope"  # the paper's init is meant for coordinates in [0, 1]
     pe = LieRE(64, 1, num_heads=2, depth=2, block_size=b, rot_dim=64 // b * b, init=init, seed=0)
-    coords = grid_coords(100, spacing=spacing)
-    assert_same_numbers(pe, coords, monkeypatch)
+    assert_same_numbers(pe, Grid((100,), spacing), monkeypatch)
 
 
-def assert_same_numbers(pe: LieRE | ComRoPE, coords: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rotated queries and gradients agree between the powers path and the general path."""
-    fast, fast_grads = rotate_and_grads(pe, coords)
-    general_path(monkeypatch)
-    slow, slow_grads = rotate_and_grads(pe, coords)
+def assert_same_numbers(pe: LieRE | ComRoPE, grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotated queries and gradients agree between the powers path (a 1D ``Grid``, or its coordinates tensor found
+    evenly spaced) and the general path; the ``Grid`` and the tensor give identical numbers."""
+    fast, fast_grads = rotate_and_grads(pe, grid)
+    detected, detected_grads = rotate_and_grads(pe, grid.coords())
+    torch.testing.assert_close(detected, fast, atol=0, rtol=0)
+    for g_detected, g_fast in zip(detected_grads, fast_grads, strict=True):
+        torch.testing.assert_close(g_detected, g_fast, atol=0, rtol=0)
+    monkeypatch.setattr(pe, "uses_progression", False)  # the general path: one exponential per position
+    slow, slow_grads = rotate_and_grads(pe, grid)
     torch.testing.assert_close(fast, slow, atol=2e-4, rtol=0)
     for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
         assert (g_fast.flatten(1).abs().sum(-1) > 0).all()  # every layer's (and sample's) gradient arrives
@@ -112,7 +112,7 @@ def assert_same_numbers(pe: LieRE | ComRoPE, coords: torch.Tensor, monkeypatch: 
 def test_comrope_1d_progression_path_equals_general_path(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pe = ComRoPE(64, 1, num_heads=2, depth=2, variant=variant, block_size=16, seed=0)
     assert pe.recompute  # b=16: recompute on by default
-    assert_same_numbers(pe, grid_coords(100), monkeypatch)
+    assert_same_numbers(pe, Grid((100,)), monkeypatch)
 
 
 def test_recompute_gives_identical_numbers_and_saves_memory() -> None:

@@ -10,7 +10,7 @@
 - every block's ``Attention`` is replaced by ``RotaryTimmAttention``, which reuses its submodules (so the
   state-dict keys are unchanged) and runs ``rotary_attention`` with its layer's rotations.
 
-Coordinates are patch indices (``grid_coords(gh, gw)``), so ``dynamic_img_size=True`` models see larger
+Coordinates are patch indices (``Grid((gh, gw))``), so ``dynamic_img_size=True`` models see larger
 grids at larger coordinates. timm's ``no_weight_decay()`` does not list the encoding: add
 ``{"liere_encoding." + n for n in model.liere_encoding.no_weight_decay()}`` to the no-decay set.
 """
@@ -22,8 +22,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from liere import PositionEncoding, Rotations, rotary_attention
-from liere.coords import CoordsCache
+from liere import Grid, PositionEncoding, Rotations, rotary_attention
 from liere.factory import build, parse_spec
 
 
@@ -33,7 +32,6 @@ class RotationsForward:
     def __init__(self, encoding: PositionEncoding, num_prefix_tokens: int) -> None:
         self.encoding, self.num_prefix_tokens = encoding, num_prefix_tokens
         self.rot: Rotations | None = None
-        self._coords = CoordsCache()
 
     def after_patch_embed(self, patch_embed: nn.Module, args: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
         """Forward hook of ``patch_embed``: add any absolute embedding and compute this forward's rotations.
@@ -44,9 +42,8 @@ class RotationsForward:
             grid = tuple(tokens.shape[1:3])
         else:
             grid = tuple(patch_embed.dynamic_feat_size(tuple(args[0].shape[-2:])))
-        coords = self._coords(grid, (1.0, 1.0), tokens.device)
-        flat = self.encoding.add_to_tokens(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]), coords)
-        self.rot = self.encoding(coords, num_prefix_tokens=self.num_prefix_tokens)
+        flat = self.encoding.add_to_tokens(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]), Grid(grid))
+        self.rot = self.encoding(Grid(grid), num_prefix_tokens=self.num_prefix_tokens)
         return flat.reshape(tokens.shape)
 
     def release(self, *_: object) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from x_transformers.x_transformers import Attention, AttentionLayers, TransformerWrapper, always
 
-from liere import PositionEncoding, build, grid_coords
+from liere import Grid, PositionEncoding, build
 
 UNSUPPORTED_KWARGS = ("cache", "mems", "pos", "seq_start_pos", "context", "rotary_pos_emb")
 
@@ -57,7 +57,7 @@ def liere_x_transformers(
         if given or kwargs.get("seq_pos_offset"):
             raise ValueError(f"liere adapter: {given} not supported (positions are 0..n-1, no kv cache)")
         x = args[0] if args else kwargs["x"]
-        state["rot"] = pe(grid_coords(x.shape[1], device=x.device))
+        state["rot"] = pe(Grid((x.shape[1],)))
 
     layers.register_forward_pre_hook(compute_rotations, with_kwargs=True)
     for layer, attn in enumerate(attns):
