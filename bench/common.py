@@ -79,7 +79,9 @@ def describe(device: torch.device) -> str:
 def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: str) -> argparse.ArgumentParser:
     """The options both harnesses share: ``--device``, ``--size``, ``--repeats`` (of ``repeated``), ``--json``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when available"
+    )
     parser.add_argument("--size", choices=sizes, help="default: tiny on CPU, real on CUDA")
     parser.add_argument("--repeats", type=int, default=5, help=f"timed {repeated} (median reported)")
     parser.add_argument("--json", help="also write all rows to this JSON file")

@@ -384,7 +384,7 @@ FIT_COLUMNS = [
 ]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = bench_parser("python -m bench.step", __doc__.split("\n")[0], ("tiny", "small", "real"), "steps per model")
     parser.add_argument("--models", nargs="+", help="substrings of model names to keep (default: all)")
     parser.add_argument(
@@ -412,6 +412,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "predict each encoding's ratio to RoPE at the model's real batch",
     )
     parser.add_argument("--check-batch", type=int, help="with --fit: also time this batch and compare with the line")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.fit is not None and (len(set(args.fit)) < 2 or min(args.fit) < 1):
         parser.error(f"--fit needs at least two distinct positive batch sizes, got {args.fit}")
