@@ -98,7 +98,9 @@ def test_model_bench_peak_fit_depth_and_3d() -> None:
     argv = ["--size", "tiny", "--models", "char-LM", "--encodings", "liere8", "--repeats", "1", "--depth", "1"]
     fit = model_bench.main([*argv, "--fit", "1", "2", "3", "--check-batch", "4"])["rows"]
     assert [r["encoding"] for r in fit] == ["rope", "liere8"]
-    assert_times(fit, ("per_sample_ms", "small_ratio", "predicted_ratio", "check_ratio", "check_predicted_ratio"))
+    assert_times(fit, ("small_ratio", "check_ratio"))
+    keys = ("fixed_ms", "per_sample_ms", "residual", "predicted_ratio", "check_predicted_ratio", "check_error")
+    assert all(math.isfinite(r[k]) for r in fit for k in keys)  # a noisy machine may give any slope sign
     assert fit[0]["predicted_ratio"] == fit[0]["check_ratio"] == 1 and fit[0]["real_batch"] == 4
     argv = ["--size", "small", "--models", "3D", "--encodings", "liere8", "--memory-only", "--depth", "1"]
     small = model_bench.main([*argv, "--batch", "1"])["rows"]
