@@ -34,7 +34,7 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     mtime = summary_file.stat().st_mtime_ns
     again = ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out), "--resume"])
     assert summary_file.stat().st_mtime_ns == mtime
-    assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]
+    assert [r.test for r in again.runs] == [r["test"] for r in saved["runs"]]
 
 
 def test_unknown_encoding_fails_before_training(tmp_path):
