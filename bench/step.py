@@ -1,4 +1,4 @@
-"""Model-level speed benchmark: ``python -m bench.step [--size tiny|real] [--device cpu|cuda] [--json PATH]``.
+"""Model-level speed benchmark: ``python -m bench.step [--size tiny|small|real] [--device cpu|cuda] [--json PATH]``.
 
 Times one training step (forward, backward, AdamW step; bf16 autocast on CUDA, fp32 on CPU) of ViT-S/16 at
 224 px, the paper's CIFAR setting (ViT-B, 32 px, patch 4) and the char-LM (6 layers, width 512, 8 heads,
@@ -7,18 +7,28 @@ context 1024) for every encoding, plus ``reference``: what the official LieRE co
 the batch and applied with ``bmm``). Each row shows its time and memory relative to RoPE (axial RoPE for
 images) from the same run. Peak memory is ``torch.cuda.max_memory_allocated`` (CUDA only); "saved MiB", the
 distinct tensor storages autograd keeps for the backward after one forward, is measured on every device and
-is what a LieRE step adds to peak memory (rotations and exponential intermediates). ``--size tiny`` (the CPU
-default) shrinks every model; ``--compile`` adds compiled rows; ``--bf16`` uses bf16 autocast on CPU too (it
-is always on on CUDA); ``--memory-only`` skips the timing (real sizes on a CPU).
+is what a LieRE step adds to saved memory; ``--peak`` adds each encoding's first-step peak rise, measured in a
+fresh process (CPU: the kernel's peak-RSS counter, reset after the model is built), which also counts the
+transients (the exponential's intermediates while they are computed). ``--size tiny`` (the CPU default)
+shrinks every model, ``small`` is a 6-layer ViT of width 192 on a 2D and a 3D grid; ``--compile`` adds compiled
+rows; ``--bf16`` uses bf16 autocast on CPU too (it is always on on CUDA); ``--memory-only`` skips the timing;
+``--fit B1 B2 [B3]`` fits each encoding's step time ``t(B) = a + b B`` and predicts the ratios at the real batch.
+Rows are printed as soon as each model's are measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +86,14 @@ class Setting:
 
 
 def settings(size: str) -> list[Setting]:
+    if size == "small":
+        small = dict(dim=192, depth=6, heads=3)
+        return [
+            Setting("ViT 192x6 CIFAR 32px/4", "vit", dict(image=32, patch=4, classes=100, **small), 32),
+            Setting(
+                "ViT 192x6 3D 8x14x14", "vit", dict(image=112, patch=8, frames=16, tubelet=2, classes=100, **small), 8
+            ),
+        ]
     if size == "real":
         return [
             Setting("ViT-S/16 224px", "vit", dict(image=224, patch=16, classes=1000, dim=384, depth=12, heads=6), 256),
@@ -101,15 +119,26 @@ def build_model(setting: Setting, encoding: str) -> nn.Module:
     if encoding == "reference":
         pe = ReferenceLieRE(cfg["dim"] // cfg["heads"], axes, cfg["heads"], cfg["depth"])
     if setting.kind == "vit":
-        return ViT((3, cfg["image"], cfg["image"]), cfg["classes"], cfg["patch"], encoding=pe, **dims)
+        return ViT(image_shape(setting), cfg["classes"], patch_size(setting), encoding=pe, **dims)
     return CharLM(256, cfg["context"], encoding=pe, **dims)
+
+
+def image_shape(setting: Setting) -> tuple[int, ...]:
+    """``(C, H, W)``, or ``(C, T, H, W)`` for settings with ``frames``."""
+    cfg = setting.config
+    return (3, *([cfg["frames"]] if "frames" in cfg else []), cfg["image"], cfg["image"])
+
+
+def patch_size(setting: Setting) -> tuple[int, ...]:
+    cfg = setting.config
+    return (*([cfg["tubelet"]] if "tubelet" in cfg else []), cfg["patch"], cfg["patch"])
 
 
 def inputs(setting: Setting, device: torch.device) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
     if setting.kind == "vit":
-        image, classes = setting.config["image"], setting.config["classes"]
-        x = torch.randn(setting.batch, 3, image, image, generator=gen)
+        classes = setting.config["classes"]
+        x = torch.randn(setting.batch, *image_shape(setting), generator=gen)
         y = torch.randint(0, classes, (setting.batch,), generator=gen)
     else:
         context = setting.config["context"]
@@ -147,6 +176,48 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | No
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+ROOT = Path(__file__).resolve().parents[1]
+CLEAR_REFS = Path("/proc/self/clear_refs")  # writing "5" resets the kernel's peak-RSS counter (Linux)
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def first_step_peak_rise_mib(setting: Setting, encoding: str, bf16: bool) -> float:
+    """In this process (CPU, Linux): build the model, its inputs and optimizer, reset the peak-RSS counter, run
+    one training step, and return by how many MiB the peak RSS rose above the RSS at the reset (activations,
+    gradients, optimizer state and every transient of the step)."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    x, y = inputs(setting, cpu)
+    step = train_step(build_model(setting, encoding), x, y, autocast(cpu, bf16), False)
+    gc.collect()
+    CLEAR_REFS.write_text("5")
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_rise_mib(setting: Setting, encoding: str, device: torch.device, bf16: bool) -> float | None:
+    """``first_step_peak_rise_mib`` in a fresh Python process (same interpreter, environment and checkout);
+    ``None`` off Linux or on CUDA (where ``peak_mib`` is the allocator's peak)."""
+    if device.type != "cpu" or not CLEAR_REFS.exists():
+        return None
+    code = (
+        "import json, sys; from bench.step import Setting, first_step_peak_rise_mib; "
+        "a = json.loads(sys.argv[1]); "
+        "print(first_step_peak_rise_mib(Setting(**a['setting']), a['encoding'], a['bf16']))"
+    )
+    arg = json.dumps(dict(setting=dataclasses.asdict(setting), encoding=encoding, bf16=bf16))
+    done = subprocess.run([sys.executable, "-c", code, arg], cwd=ROOT, capture_output=True, text=True, env=os.environ)
+    if done.returncode:
+        raise RuntimeError(f"peak-memory process for {encoding} on {setting.name} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
 def saved_mib(model: Callable[[Tensor], Tensor], x: Tensor, precision: AbstractContextManager) -> float:
     """MiB of the distinct tensor storages autograd saves for the backward during one forward of ``model``.
 
@@ -180,11 +251,12 @@ def bench_setting(
 ) -> list[dict]:
     """One row per encoding (and per compiled flag); steps timed round-robin, memory one model at a time.
 
-    ``args``: the command line's ``compile``, ``repeats``, ``bf16`` and ``memory_only``.
+    ``args``: the command line's ``compile``, ``repeats``, ``bf16``, ``memory_only`` and ``peak``.
     """
     x, y = inputs(setting, device)
-    steps, peak, saved = {}, {}, {}
+    steps, peak, saved, rise = {}, {}, {}, {}
     for encoding in encodings:
+        rise[encoding] = peak_rise_mib(setting, encoding, device, args.bf16) if args.peak else None
         torch.manual_seed(0)
         model = build_model(setting, encoding).to(device)
         saved[encoding] = saved_mib(model, x, autocast(device, args.bf16))
@@ -211,6 +283,8 @@ def bench_setting(
                 mem_ratio=None if mem is None else mem / base_mem,
                 saved_mib=saved[encoding],
                 saved_ratio=saved[encoding] / saved[baseline],
+                peak_rise_mib=None if compiled else rise[encoding],
+                peak_rise_ratio=None if compiled or rise[encoding] is None else rise[encoding] / rise[baseline],
             )
         )
     return rows
@@ -226,11 +300,89 @@ COLUMNS = [
     ("mem_ratio", "memory / RoPE"),
     ("saved_mib", "saved MiB"),
     ("saved_ratio", "saved / RoPE"),
+    ("peak_rise_mib", "first-step peak rise MiB"),
+    ("peak_rise_ratio", "peak rise / RoPE"),
 ]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = bench_parser("python -m bench.step", __doc__.split("\n")[0], ("tiny", "real"), "steps per model")
+def fit_line(batches: Sequence[int], times: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares ``t = a + b * batch``: ``(a, b, residual)``, the residual the largest ``|t - fit| / t``."""
+    n = len(batches)
+    mean_b, mean_t = sum(batches) / n, sum(times) / n
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in zip(batches, times, strict=True)) / sum(
+        (b - mean_b) ** 2 for b in batches
+    )
+    a = mean_t - slope * mean_b
+    return a, slope, max(abs(t - a - slope * b) / t for b, t in zip(batches, times, strict=True))
+
+
+def fit_setting(
+    setting: Setting, encodings: Sequence[str], device: torch.device, args: argparse.Namespace
+) -> list[dict]:
+    """Step times at every ``--fit`` batch (and the ``--check-batch``), all timed round-robin in one run, one
+    line ``t(B) = a + b B`` per encoding, and the ratio to the RoPE baseline it predicts at the setting's real
+    batch, beside the ratio measured at the smallest batch and (``--check-batch``) the measured and predicted
+    ratios at a larger batch with the line's error there."""
+    batches = sorted({*args.fit, *([args.check_batch] if args.check_batch else [])})
+    steps = {}
+    for encoding in encodings:
+        torch.manual_seed(0)
+        model = build_model(setting, encoding).to(device)
+        for batch in batches:
+            x, y = inputs(dataclasses.replace(setting, batch=batch), device)
+            steps[encoding, batch] = train_step(model, x, y, autocast(device, args.bf16), False)
+    times = time_ms(steps, device, args.repeats)
+    lines = {e: fit_line(args.fit, [times[e, b] for b in args.fit]) for e in encodings}
+
+    def predict(encoding: str, batch: int) -> float:
+        a, slope, _ = lines[encoding]
+        return a + slope * batch
+
+    baseline, low, check = setting.encodings[1], min(args.fit), args.check_batch
+    rows = []
+    for encoding in encodings:
+        a, slope, residual = lines[encoding]
+        row = dict(
+            model=setting.name,
+            encoding=encoding,
+            fixed_ms=a,
+            per_sample_ms=slope,
+            residual=residual,
+            small_batch=low,
+            small_ratio=times[encoding, low] / times[baseline, low],
+            real_batch=setting.batch,
+            predicted_ratio=predict(encoding, setting.batch) / predict(baseline, setting.batch),
+        )
+        if check:
+            row |= dict(
+                check_batch=check,
+                check_ratio=times[encoding, check] / times[baseline, check],
+                check_predicted_ratio=predict(encoding, check) / predict(baseline, check),
+                check_error=predict(encoding, check) / times[encoding, check] - 1,
+            )
+        rows.append(row)
+    return rows
+
+
+FIT_COLUMNS = [
+    ("model", "model"),
+    ("encoding", "encoding"),
+    ("fixed_ms", "a (ms)"),
+    ("per_sample_ms", "b (ms/sample)"),
+    ("residual", "fit residual"),
+    ("small_batch", "small batch"),
+    ("small_ratio", "measured / RoPE there"),
+    ("real_batch", "real batch"),
+    ("predicted_ratio", "predicted / RoPE there"),
+    ("check_batch", "check batch"),
+    ("check_ratio", "measured / RoPE at check"),
+    ("check_predicted_ratio", "predicted / RoPE at check"),
+    ("check_error", "t predicted / measured - 1 at check"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser("python -m bench.step", __doc__.split("\n")[0], ("tiny", "small", "real"), "steps per model")
     parser.add_argument("--models", nargs="+", help="substrings of model names to keep (default: all)")
     parser.add_argument(
         "--encodings",
@@ -241,8 +393,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on on CUDA)")
     parser.add_argument("--batch", type=int, help="override every model's batch size (saved memory is linear in it)")
-    parser.add_argument("--memory-only", action="store_true", help="measure saved memory only, no timing")
-    return parser.parse_args(argv)
+    parser.add_argument("--depth", type=int, help="override every model's depth (per-layer costs scale with it)")
+    parser.add_argument("--memory-only", action="store_true", help="measure memory only, no timing")
+    parser.add_argument(
+        "--peak",
+        action="store_true",
+        help="also measure each encoding's first-step peak memory rise in a fresh process (CPU, Linux: peak RSS)",
+    )
+    parser.add_argument(
+        "--fit",
+        nargs="+",
+        type=int,
+        metavar="B",
+        help="fit step time t(B) = a + b B from these batch sizes (2 or 3, timed round-robin in one run) and "
+        "predict each encoding's ratio to RoPE at the model's real batch",
+    )
+    parser.add_argument("--check-batch", type=int, help="with --fit: also time this batch and compare with the line")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fit is not None and (len(set(args.fit)) < 2 or min(args.fit) < 1):
+        parser.error(f"--fit needs at least two distinct positive batch sizes, got {args.fit}")
+    if args.check_batch is not None and args.fit is None:
+        parser.error("--check-batch needs --fit")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -251,16 +428,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = torch.device(args.device)
     size = args.size or default_size(device)
     results: dict = dict(device=describe(device), size=size, rows=[])
-    print(f"# liere model benchmark: {results['device']}, size {size}\n")
+    print(f"# liere model benchmark: {results['device']}, size {size}\n", flush=True)
     for setting in settings(size):
         if args.models and not any(m in setting.name for m in args.models):
             continue
         if args.batch is not None:
             setting = dataclasses.replace(setting, batch=check_positive_int(args.batch, "--batch"))
+        if args.depth is not None:
+            setting = dataclasses.replace(setting, config=setting.config | dict(depth=args.depth))
         names = setting.encodings
         encodings = list(names) if args.encodings is None else [names[1], *(e for e in args.encodings if e != names[1])]
-        results["rows"] += bench_setting(setting, encodings, device, args)
-    print(markdown_table(results["rows"], COLUMNS) + "\n")
+        if args.fit:
+            rows = fit_setting(setting, encodings, device, args)
+            print(markdown_table(rows, FIT_COLUMNS) + "\n", flush=True)
+        else:
+            rows = bench_setting(setting, encodings, device, args)
+            print(markdown_table(rows, COLUMNS) + "\n", flush=True)
+        results["rows"] += rows
     write_json(results, args.json)
     return results
 

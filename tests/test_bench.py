@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from bench import ops as op_bench
+from bench import scaling as scaling_bench
 from bench import step as model_bench
 from liere import Rotations, skew_expm
 
@@ -88,6 +90,47 @@ def test_reference_rotations_apply_like_rotations() -> None:
     reference = model_bench.ReferenceRotations(8, blocks=blocks)
     torch.testing.assert_close(reference.apply(q), expected)
     torch.testing.assert_close(reference.with_prefix(1).apply(torch.cat([q[:, :, :1], q], 2))[:, :, 1:], expected)
+
+
+def test_model_bench_peak_fit_depth_and_3d() -> None:
+    """``--peak`` measures a fresh process's first-step peak rise; ``--fit`` gives one line per encoding with the
+    ratios it predicts; ``--depth`` and the 3D setting of ``--size small`` build."""
+    argv = ["--size", "tiny", "--models", "ViT 32px/8", "--encodings", "liere64", "--memory-only", "--peak"]
+    rows = model_bench.main(argv)["rows"]
+    assert [r["encoding"] for r in rows] == ["axial-rope", "liere64"]
+    assert_times(rows, ("peak_rise_mib", "peak_rise_ratio"))
+    argv = ["--size", "tiny", "--models", "char-LM", "--encodings", "liere8", "--repeats", "1", "--depth", "1"]
+    fit = model_bench.main([*argv, "--fit", "1", "2", "3", "--check-batch", "4"])["rows"]
+    assert [r["encoding"] for r in fit] == ["rope", "liere8"]
+    assert_times(fit, ("small_ratio", "check_ratio"))
+    keys = ("fixed_ms", "per_sample_ms", "residual", "predicted_ratio", "check_predicted_ratio", "check_error")
+    assert all(math.isfinite(r[k]) for r in fit for k in keys)  # a noisy machine may give any slope sign
+    assert fit[0]["predicted_ratio"] == fit[0]["check_ratio"] == 1 and fit[0]["real_batch"] == 4
+    argv = ["--size", "small", "--models", "3D", "--encodings", "liere8", "--memory-only", "--depth", "1"]
+    small = model_bench.main([*argv, "--batch", "1"])["rows"]
+    assert [r["encoding"] for r in small] == ["axial-rope", "liere8"] and small[1]["saved_ratio"] > 1
+
+
+def test_model_bench_fit_line_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, residual = model_bench.fit_line([1, 2, 4], [3.0, 5.0, 9.0])
+    assert (a, b) == pytest.approx((1.0, 2.0)) and residual == pytest.approx(0.0, abs=1e-12)
+    for argv, error in [(["--fit", "2", "2"], "two distinct"), (["--check-batch", "4"], "needs --fit")]:
+        with pytest.raises(SystemExit):
+            model_bench.parse_args(argv)
+        assert error in capsys.readouterr().err
+
+
+def test_scaling_bench_rows() -> None:
+    rows = scaling_bench.main(["--size", "tiny", "--repeats", "1", "--grids", "4x4"])["rows"]
+    assert [r["encoding"] for r in rows] == ["axial-rope", "liere8", "liere64"]
+    assert_times(rows, ("encoding_ms", "application_ms", "total_ms", "ratio"))
+    assert rows[0]["ratio"] == 1 and {r["dominant"] for r in rows} <= {"encoding", "application"}
+
+
+def test_every_step_and_scaling_option_has_help() -> None:
+    for module in (model_bench, scaling_bench):
+        actions = module.build_parser()._actions
+        assert all(a.help for a in actions), [a.option_strings for a in actions if not a.help]
 
 
 def test_product_counter_counts_every_product_forward_and_backward() -> None:
