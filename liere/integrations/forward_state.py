@@ -33,10 +33,11 @@ class ForwardRotations:
         self.by_length: dict[int, Rotations] = {}
 
     def put(self, rot: Rotations) -> None:
-        self.by_length[rot.num_positions] = rot
+        self.by_length[int(rot.num_positions)] = rot  # int: shapes are tensors under jit.trace
 
     def get(self, num_tokens: int) -> Rotations:
         """Rotations for ``num_tokens`` tokens (prefix tokens included)."""
+        num_tokens = int(num_tokens)
         if num_tokens not in self.by_length:
             if self.compute is None:
                 have = sorted(self.by_length)
