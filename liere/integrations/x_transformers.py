@@ -95,9 +95,8 @@ def liere_x_transformers(
         if attn.qk_norm or attn.q_rmsnorm is not None or attn.kv_heads != attn.heads or attn.use_latent_kv:
             raise ValueError("qk-norm, grouped kv heads and latent kv are not supported (they act after to_q/to_k)")
     heads = attns[0].heads
-    pe = build(encoding, head_dim=attns[0].to_q.out_features // heads, num_heads=heads, depth=len(attns), **options)
-    if pe.num_axes != 1:
-        raise ValueError(f"encoding {encoding!r} is not 1D; a decoder needs a 1D encoding")
+    head_dim = attns[0].to_q.out_features // heads
+    pe = build(encoding, head_dim=head_dim, num_axes=1, num_heads=heads, depth=len(attns), **options)
     layers.liere_encoding = pe
     layers.register_forward_pre_hook(_open, with_kwargs=True)
     layers.register_forward_hook(_close, always_call=True)
