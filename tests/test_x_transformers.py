@@ -103,7 +103,7 @@ def test_x_transformers_adapter_rejects_what_it_cannot_place():
     with pytest.raises(ValueError, match="mems"):
         model(TOKENS, mems=[torch.zeros(2, 3, 32)] * 2)
     with pytest.raises(ValueError, match="pos must be integer"):
-        model(TOKENS, pos=torch.arange(24.0))
+        model.attn_layers(torch.randn(2, 24, 32), pos=torch.arange(24.0))
     with pytest.raises(RuntimeError, match="rotations not computed"):
         model.attn_layers.layers[0][1](torch.randn(2, 5, 32))  # one layer alone, outside a forward
     assert forward_state._stack() == []  # a failed forward leaves no rotations behind
