@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import LearnedEncoding, PositionEncoding, resolve_rot_dim
+from liere.coords import arithmetic_progression, grid_coords
+from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_int, resolve_rot_dim
 from liere.rotations import Rotations
 
 
@@ -53,17 +54,47 @@ class RoPE(PositionEncoding):
     """Rotary position embedding (Su et al.) for 1D positions, identical to rotary-embedding-torch.
 
     Pair ``j`` = features ``(2j, 2j+1)`` rotates by ``p * theta ** (-2j / rot_dim)``; features beyond
-    ``rot_dim`` pass through. No parameters.
+    ``rot_dim`` pass through. No parameters. rotary-embedding-torch's options, by the same names:
+
+    - ``offset``: positions start at ``offset`` (its ``rotate_queries_or_keys(t, offset=)``);
+    - ``interpolate_factor``: positions are divided by it (position interpolation, Chen et al. 2023);
+    - ``theta_rescale_factor``: NTK-aware scaling, ``theta * factor ** (rot_dim / (rot_dim - 2))``;
+    - ``cache_len``: cos/sin of positions ``0 .. cache_len - 1`` are computed once (fp32 buffers) and sliced
+      for coordinates that are consecutive integers inside that range (its ``cache_if_possible``).
+
+    xPos (its ``use_xpos``) scales q and k by inverse factors, which is not a rotation: see ``xpos_scale``.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, rot_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float = 10000.0,
+        rot_dim: int | None = None,
+        *,
+        offset: float = 0.0,
+        interpolate_factor: float = 1.0,
+        theta_rescale_factor: float = 1.0,
+        cache_len: int | None = None,
+    ) -> None:
         super().__init__(head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
-        self.theta = float(theta)
+        self.theta = ntk_theta(float(theta), self.rot_dim, theta_rescale_factor)
         self.register_buffer("freqs", rope_frequencies(self.rot_dim, self.theta), persistent=False)
+        self.offset, self.interpolate_factor = check_position_map(offset, interpolate_factor)
+        self.cache = FrequencyCache(self, cache_len) if cache_len is not None else None
+
+    def positions(self, coords: Tensor) -> Tensor:
+        """The rotated positions ``(coords + offset) / interpolate_factor``, shape ``(S, n)``."""
+        p = coords[..., 0]
+        if self.offset:
+            p = p + self.offset
+        return p if self.interpolate_factor == 1.0 else p / self.interpolate_factor
 
     def rotations(self, coords: Tensor) -> Rotations:
-        angles = coords[..., 0, None] * self.freqs.to(coords)  # (S, n, pairs)
+        cached = self.cache.lookup(coords) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        angles = self.positions(coords)[..., None] * self.freqs.to(coords)  # (S, n, pairs)
         return pair_rotations(angles[None, :, None], self.head_dim)
 
 
@@ -116,3 +147,66 @@ class RoPEMixed(LearnedEncoding):
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))
         return pair_rotations(angles, self.head_dim)
+
+
+# ----------------------------------------------------------------------------------- rotary-embedding-torch options
+def check_position_map(offset: float, interpolate_factor: float) -> tuple[float, float]:
+    """``(offset, interpolate_factor)`` as floats, after checking they are finite and the factor >= 1."""
+    if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if not isinstance(interpolate_factor, (int, float)) or not interpolate_factor >= 1.0:
+        raise ValueError(f"interpolate_factor must be a number >= 1, got {interpolate_factor!r}")
+    return float(offset), float(interpolate_factor)
+
+
+def ntk_theta(theta: float, rot_dim: int, theta_rescale_factor: float = 1.0) -> float:
+    """NTK-aware frequency base: ``theta * factor ** (rot_dim / (rot_dim - 2))`` (rotary-embedding-torch)."""
+    if not isinstance(theta_rescale_factor, (int, float)) or not theta_rescale_factor > 0:
+        raise ValueError(f"theta_rescale_factor must be a number > 0, got {theta_rescale_factor!r}")
+    if theta_rescale_factor == 1.0:
+        return theta
+    if rot_dim <= 2:
+        raise ValueError(f"theta_rescale_factor needs rot_dim > 2, got rot_dim={rot_dim}")
+    return theta * theta_rescale_factor ** (rot_dim / (rot_dim - 2))
+
+
+class FrequencyCache(nn.Module):
+    """cos/sin of a ``RoPE`` at positions ``0 .. length - 1`` (fp32, not saved), sliced for integer ranges."""
+
+    def __init__(self, rope: RoPE, length: int) -> None:
+        super().__init__()
+        self.length = check_positive_int(length, "cache_len")
+        angles = rope.positions(grid_coords(self.length)[None])[..., None] * rope.freqs  # as RoPE.rotations does
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (1, length, pairs)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim = rope.head_dim
+
+    def lookup(self, coords: Tensor) -> Rotations | None:
+        """Cached rotations when ``coords`` ``(1, n, 1)`` are ``start, start + 1, ...`` inside the cache, else None."""
+        if coords.dtype != torch.float32 or coords.shape[0] != 1 or torch.compiler.is_compiling():
+            return None
+        n = coords.shape[1]
+        progression = arithmetic_progression(coords) if n > 1 else (float(coords[0, 0, 0]), 1.0)
+        if progression is None or progression[1] != 1.0 or progression[0] != int(progression[0]):
+            return None
+        start = int(progression[0])
+        if not 0 <= start <= self.length - n:
+            return None
+        cos, sin = (t[:, start : start + n].to(coords.device)[None, :, None] for t in (self.cos, self.sin))
+        return Rotations(self.head_dim, cos=cos, sin=sin)
+
+
+def xpos_scale(positions: Tensor, rot_dim: int, scale_base: float = 512.0, center: float | None = None) -> Tensor:
+    """xPos (Sun et al. 2022) scales ``(n, rot_dim)``: rotate, then ``q * scale`` and ``k / scale``.
+
+    ``scale[i, 2j] = scale[i, 2j+1] = zeta_j ** ((p_i - center) / scale_base)`` with
+    ``zeta_j = (2j + 0.4 rot_dim) / (1.4 rot_dim)``, so ``q_i . k_j`` decays as ``zeta ** ((p_i - p_j) / base)``.
+    ``center`` defaults to ``n // 2`` (rotary-embedding-torch's choice; it cancels in the scores). It is not
+    a ``Rotations``: the scale is not orthogonal and differs between q and k, so it is applied beside it.
+    """
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1D (n,), got shape {tuple(positions.shape)}")
+    zeta = (torch.arange(0, rot_dim, 2, device=positions.device) + 0.4 * rot_dim) / (1.4 * rot_dim)
+    center = positions.shape[0] // 2 if center is None else center
+    power = (positions.float() - center) / scale_base
+    return (zeta ** power[:, None]).repeat_interleave(2, dim=-1)
