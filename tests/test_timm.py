@@ -29,15 +29,14 @@ TINY_TIMM = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def tiny_timm_vit(encoding: str, coord_scale: str = "index", keep_pos_embed: bool = False, **kwargs):
+ADAPTER_OPTIONS = ("coord_scale", "keep_pos_embed", "shift_coords", "jitter_coords", "rescale_coords")
+
+
+def tiny_timm_vit(encoding: str, **kwargs):
+    """A 2-block timm ViT-Tiny at 32 px adapted to ``encoding``; adapter options and timm kwargs both accepted."""
     torch.manual_seed(0)
-    return liere_timm_vit(
-        "vit_tiny_patch16_224",
-        encoding,
-        create_kwargs=TINY_TIMM | kwargs,
-        coord_scale=coord_scale,
-        keep_pos_embed=keep_pos_embed,
-    )
+    options = {k: kwargs.pop(k) for k in ADAPTER_OPTIONS if k in kwargs}
+    return liere_timm_vit("vit_tiny_patch16_224", encoding, create_kwargs=TINY_TIMM | kwargs, **options)
 
 
 def layer0_rotations(model, images):
@@ -265,6 +264,23 @@ def test_timm_coord_scales(scale):
     expected = model.liere_encoding(grid_coords(6, 6, spacing=spacing), num_prefix_tokens=1)[0]
     torch.testing.assert_close(rot.cos, expected.cos)
     torch.testing.assert_close(rot.sin, expected.sin)
+
+
+def test_timm_coordinate_augmentation_matches_timms_rope_augmentation():
+    from timm.layers.pos_embed_sincos import _apply_coord_augs
+
+    augment = dict(shift_coords=0.5, jitter_coords=1.5, rescale_coords=2.0)
+    model = tiny_timm_vit("rope-mixed", **augment)
+    torch.manual_seed(7)
+    rot = layer0_rotations(model, IMAGES)
+    torch.manual_seed(7)
+    coords = _apply_coord_augs(grid_coords(4, 4), **augment)  # timm's own augmentation, same draws
+    torch.testing.assert_close(rot.cos, model.liere_encoding(coords, num_prefix_tokens=1)[0].cos)
+    with torch.no_grad():
+        eval_rot = layer0_rotations(model.eval(), IMAGES)  # no augmentation in eval mode
+    torch.testing.assert_close(eval_rot.cos, model.liere_encoding(grid_coords(4, 4), num_prefix_tokens=1)[0].cos)
+    with pytest.raises(ValueError, match="jitter_coords"):
+        tiny_timm_vit("liere8", jitter_coords=0.5)
 
 
 # ----------------------------------------------------------------------------------- export

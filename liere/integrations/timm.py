@@ -22,6 +22,7 @@ undecayed. ``load_timm_weights`` loads a plain timm state dict (pretrained weigh
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import timm
@@ -37,6 +38,23 @@ from liere.factory import build, parse_spec
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
 
 COORD_SCALES = ("index", "stretch", "unit")
+COORD_AUGMENTS = ("shift_coords", "jitter_coords", "rescale_coords")
+
+
+def augment_coords(coords: Tensor, shift: float | None, jitter: float | None, rescale: float | None) -> Tensor:
+    """timm's train-time RoPE coordinate augmentation (same order and draws as ``eva.py``'s ``rope_*_coords``).
+
+    ``shift``: add one uniform ``[-shift, shift]`` offset per axis; ``jitter``: multiply each axis by its own
+    log-uniform factor in ``[1/jitter, jitter]``; ``rescale``: multiply all axes by one such factor.
+    """
+    axes, like = coords.shape[-1], dict(device=coords.device, dtype=coords.dtype)
+    if shift is not None:
+        coords = coords + torch.empty(axes, **like).uniform_(-shift, shift)
+    if jitter is not None:
+        coords = coords * torch.empty(axes, **like).uniform_(-math.log(jitter), math.log(jitter)).exp()
+    if rescale is not None:
+        coords = coords * torch.empty(1, **like).uniform_(-math.log(rescale), math.log(rescale)).exp()
+    return coords
 
 
 def gather_positions(rot: Rotations, keep: Tensor, num_prefix_tokens: int) -> Rotations:
@@ -118,16 +136,22 @@ class RotaryVisionTransformer(VisionTransformer):
     liere_encoding: nn.Module
     coord_scale: str
     train_grid: tuple[int, int]
+    coord_augment: dict[str, float | None]
 
     def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Tensor:
-        """Patch coordinates ``(gh * gw, 2)`` of a patch grid, placed according to ``coord_scale``."""
+        """Patch coordinates ``(gh * gw, 2)`` of a patch grid, placed according to ``coord_scale``.
+
+        In training mode the coordinate augmentation (``shift_coords`` ...) given to ``liere_timm_vit`` applies.
+        """
         if self.coord_scale == "unit":
             spacing = [1 / (g - 1) if g > 1 else 1.0 for g in grid]
         elif self.coord_scale == "stretch":
             spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
         else:
             spacing = [1.0, 1.0]
-        return grid_coords(*grid, spacing=spacing, device=device)
+        coords = grid_coords(*grid, spacing=spacing, device=device)
+        augment = [self.coord_augment.get(name) for name in COORD_AUGMENTS]
+        return augment_coords(coords, *augment) if self.training and any(a is not None for a in augment) else coords
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations."""
@@ -164,6 +188,9 @@ def liere_timm_vit(
     create_kwargs: dict[str, object] | None = None,
     coord_scale: str = "index",
     keep_pos_embed: bool = False,
+    shift_coords: float | None = None,
+    jitter_coords: float | None = None,
+    rescale_coords: float | None = None,
     **encoding_options: object,
 ) -> VisionTransformer:
     """Give a timm ViT the position encoding ``encoding`` (a ``liere.build`` spec); modifies ``model`` in place.
@@ -174,7 +201,8 @@ def liere_timm_vit(
     of the attention layers, ``depth`` = number of blocks, ``dim`` = embed dim, ``grid_shape`` = the patch
     grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``.
     ``keep_pos_embed`` keeps timm's learned ``pos_embed`` as an additive term beside the encoding.
-    Returns the model (now a ``RotaryVisionTransformer``).
+    ``shift_coords``, ``jitter_coords``, ``rescale_coords``: timm's train-time coordinate augmentation
+    (``augment_coords``; shift >= 0, factors >= 1). Returns the model (now a ``RotaryVisionTransformer``).
     """
     if isinstance(model, str):
         model = timm.create_model(model, **({"pretrained": False} | (create_kwargs or {})))
@@ -184,6 +212,11 @@ def liere_timm_vit(
         raise TypeError(f"model must be a timm VisionTransformer or its name, got {type(model).__name__}")
     if coord_scale not in COORD_SCALES:
         raise ValueError(f"coord_scale must be one of {COORD_SCALES}, got {coord_scale!r}")
+    augment = dict(shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords)
+    for name, value in augment.items():
+        low = 0.0 if name == "shift_coords" else 1.0
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be a finite number >= {low:g} or None, got {value!r}")
     if parse_spec(encoding)[0] == "abs":
         return model  # timm's own learned absolute embedding
     if type(model) is not VisionTransformer:
@@ -207,6 +240,7 @@ def liere_timm_vit(
         model.pos_embed = None
     model.liere_encoding = pe
     model.coord_scale, model.train_grid = coord_scale, tuple(model.patch_embed.grid_size)
+    model.coord_augment = augment
     if isinstance(model.patch_drop, PatchDropout):
         drop = model.patch_drop
         model.patch_drop = RotaryPatchDropout(drop.prob, drop.num_prefix_tokens, drop.ordered)
