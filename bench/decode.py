@@ -17,7 +17,7 @@ from bench.common import bench_parser, describe, markdown_table, time_ms, write_
 from models import LM_SIZES, CharLM
 
 SIZES = {"tiny": dict(prompt=32, new=48), "char": dict(prompt=128, new=256)}
-ENCODINGS = ("rope", "rope-mixed", "liere8", "rope-basis", "string-cayley", "comrope-ap")
+ENCODINGS = ("rope", "rope-mixed", "liere8", "rope-basis", "string-cayley", "comrope-ap")  # a few of ROTARY_1D
 COLUMNS = [
     ("encoding", "encoding"),
     ("cached_tok_s", "cached tok/s"),

@@ -11,6 +11,18 @@ from liere.coords import CoordsCache
 from liere.encoding import check_positive_int
 from models.blocks import KVCache, Transformer, check_heads, init_weights, resolve_encoding
 
+# the 1D rotary encodings at head_dim 16 (LieRE with 4x4 blocks and dense): every one decodes with a KVCache
+ROTARY_1D = (
+    "rope",
+    "rope-mixed",
+    "liere4",
+    "liere16",
+    "rope-basis",
+    "string-cayley",
+    "string-circulant",
+    "comrope-ap4",
+    "comrope-ld4",
+)
 LM_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=128, depth=4, heads=4, context=256),
     "small": dict(dim=256, depth=6, heads=8, context=512),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import threading
 
 import pytest
 import torch
@@ -166,27 +165,18 @@ def test_timm_model_ema_v3_tracks_the_adapted_model():
     assert ema_out.shape == (2, 5) and torch.isfinite(ema_out).all()
 
 
-def test_timm_two_threads_at_different_image_sizes():
+def test_timm_two_threads_at_different_image_sizes(run_in_threads):
     model = tiny_timm_vit("liere8", dynamic_img_size=True).eval()
     inputs = {32: torch.randn(2, 3, 32, 32), 48: torch.randn(2, 3, 48, 40)}
     with torch.no_grad():
         expected = {size: model(x) for size, x in inputs.items()}
-    errors: list[BaseException] = []
 
     def run(size: int) -> None:
-        try:
-            with torch.no_grad():
-                for _ in range(20):
-                    torch.testing.assert_close(model(inputs[size]), expected[size], rtol=0, atol=0)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(20):
+                torch.testing.assert_close(model(inputs[size]), expected[size], rtol=0, atol=0)
 
-    threads = [threading.Thread(target=run, args=(size,)) for size in inputs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(run, inputs) == []
 
 
 def test_timm_forward_intermediates_releases_rotations():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import threading
 
 import pytest
 import torch
@@ -19,19 +18,7 @@ from x_transformers.x_transformers import RotaryEmbedding, apply_rotary_pos_emb 
 
 from liere.integrations import forward_state  # noqa: E402
 from liere.integrations.x_transformers import liere_x_transformers  # noqa: E402
-
-# every 1D encoding, at head_dim 16: LieRE with blocks (b=4) and dense (b=16), the commuting ones
-DECODING_SPECS = [
-    "rope",
-    "rope-mixed",
-    "liere4",
-    "liere16",
-    "rope-basis",
-    "string-cayley",
-    "string-circulant",
-    "comrope-ap4",
-    "comrope-ld4",
-]
+from models.lm import ROTARY_1D  # noqa: E402
 
 
 def tiny_x_decoder(**decoder_kwargs):
@@ -110,7 +97,7 @@ def test_x_transformers_adapter_rejects_what_it_cannot_place():
 
 
 # ----------------------------------------------------------------------------------- kv-cached decoding
-@pytest.mark.parametrize("spec", DECODING_SPECS)
+@pytest.mark.parametrize("spec", ROTARY_1D)
 def test_kv_cache_logits_equal_full_recompute(spec):
     """x-transformers' ``test_kv_cache``: logits of the next token with the cache == without it."""
     model = adapted(spec)
@@ -213,24 +200,15 @@ def test_x_transformers_deepcopy_pickle_and_save():
         torch.testing.assert_close(other(TOKENS), expected, rtol=0, atol=0)
 
 
-def test_x_transformers_two_threads_at_different_lengths():
+def test_x_transformers_two_threads_at_different_lengths(run_in_threads):
     model = adapted("liere8")
     inputs = {n: TOKENS[:, :n] for n in (7, 24)}
     with torch.no_grad():
         expected = {n: model(x) for n, x in inputs.items()}
-    errors: list[BaseException] = []
 
     def run(n: int) -> None:
-        try:
-            with torch.no_grad():
-                for _ in range(20):
-                    torch.testing.assert_close(model(inputs[n]), expected[n], rtol=0, atol=0)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(20):
+                torch.testing.assert_close(model(inputs[n]), expected[n], rtol=0, atol=0)
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in inputs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(run, inputs) == []
