@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, resolve_rot_dim
+from liere.coords import Progression
+from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, check_positive_int, resolve_rot_dim
 from liere.rotations import Rotations
 
 
@@ -56,19 +57,66 @@ class RoPE(PositionEncoding):
     """Rotary position embedding (Su et al.) for 1D positions, identical to rotary-embedding-torch.
 
     Pair ``j`` = features ``(2j, 2j+1)`` rotates by ``p * theta ** (-2j / rot_dim)``; features beyond
-    ``rot_dim`` pass through. No parameters; the frequencies ``freqs`` stay fp32 when the module is cast.
+    ``rot_dim`` pass through. No parameters. rotary-embedding-torch's options, by the same names:
+
+    - ``offset``: positions start at ``offset`` (its ``rotate_queries_or_keys(t, offset=)``);
+    - ``interpolate_factor``: positions are divided by it (position interpolation, Chen et al. 2023);
+    - ``theta_rescale_factor``: NTK-aware scaling, ``theta * factor ** (rot_dim / (rot_dim - 2))``;
+    - ``cache_len``: cos/sin of positions ``0 .. cache_len - 1`` are computed once (fp32 buffers) and sliced
+      for coordinates that are consecutive integers inside that range (its ``cache_if_possible``).
+
+    xPos (its ``use_xpos``) scales q and k by inverse factors, which is not a rotation: see ``xpos_scale``.
+    The frequencies and the cache stay fp32 when the module is cast.
     """
 
-    fp32_buffers = ("freqs",)
+    fp32_buffers = ("freqs", "cache_cos", "cache_sin")
+    uses_progression = True
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, rot_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float = 10000.0,
+        rot_dim: int | None = None,
+        *,
+        offset: float = 0.0,
+        interpolate_factor: float = 1.0,
+        theta_rescale_factor: float = 1.0,
+        cache_len: int | None = None,
+    ) -> None:
         super().__init__(head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
-        self.theta = check_positive_float(theta, "theta")
+        self.theta = ntk_theta(check_positive_float(theta, "theta"), self.rot_dim, theta_rescale_factor)
         self.register_buffer("freqs", rope_frequencies(self.rot_dim, self.theta), persistent=False)
+        self.offset, self.interpolate_factor = check_position_map(offset, interpolate_factor)
+        self.cache_len = None if cache_len is None else check_positive_int(cache_len, "cache_len")
+        cached = torch.arange(self.cache_len or 0, dtype=torch.float32)[None, :, None]  # (1, cache_len, 1)
+        angles = self.positions(cached)[..., None] * self.freqs  # (1, cache_len, pairs), as rotations() computes them
+        self.register_buffer("cache_cos", angles.cos(), persistent=False)
+        self.register_buffer("cache_sin", angles.sin(), persistent=False)
 
-    def rotations(self, coords: Tensor) -> Rotations:
-        angles = coords[..., 0, None] * self.freqs.to(coords)  # (S, n, pairs)
+    def positions(self, coords: Tensor) -> Tensor:
+        """The rotated positions ``(coords + offset) / interpolate_factor``, shape ``(S, n)``."""
+        p = coords[..., 0]
+        if self.offset:
+            p = p + self.offset
+        return p if self.interpolate_factor == 1.0 else p / self.interpolate_factor
+
+    def cached_rotations(self, coords: Tensor, progression: Progression | None) -> Rotations | None:
+        """Rotations sliced from the cache when ``coords`` ``(1, n, 1)`` are the consecutive integers ``start, start +
+        1, ...`` (``progression``) inside it, else None."""
+        if not self.cache_len or progression is None or coords.dtype != torch.float32 or coords.shape[0] != 1:
+            return None
+        (start, step), n = progression, coords.shape[1]
+        if step != 1.0 or start != int(start) or not 0 <= start <= self.cache_len - n:
+            return None
+        cos, sin = (t[:, int(start) : int(start) + n][None, :, None] for t in (self.cache_cos, self.cache_sin))
+        return Rotations(self.head_dim, cos=cos, sin=sin)
+
+    def rotations(self, coords: Tensor, progression: Progression | None = None) -> Rotations:
+        cached = self.cached_rotations(coords, progression)
+        if cached is not None:
+            return cached
+        angles = self.positions(coords)[..., None] * self.freqs.to(coords)  # (S, n, pairs)
         return Rotations.from_angles(angles[None, :, None], self.head_dim)
 
 
@@ -124,3 +172,40 @@ class RoPEMixed(LearnedEncoding):
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))
         return Rotations.from_angles(angles, self.head_dim)
+
+
+# ----------------------------------------------------------------------------------- rotary-embedding-torch options
+def check_position_map(offset: float, interpolate_factor: float) -> tuple[float, float]:
+    """``(offset, interpolate_factor)`` as floats, after checking they are finite and the factor >= 1."""
+    if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if not isinstance(interpolate_factor, (int, float)) or not interpolate_factor >= 1.0:
+        raise ValueError(f"interpolate_factor must be a number >= 1, got {interpolate_factor!r}")
+    return float(offset), float(interpolate_factor)
+
+
+def ntk_theta(theta: float, rot_dim: int, theta_rescale_factor: float = 1.0) -> float:
+    """NTK-aware frequency base: ``theta * factor ** (rot_dim / (rot_dim - 2))`` (rotary-embedding-torch)."""
+    if not isinstance(theta_rescale_factor, (int, float)) or not theta_rescale_factor > 0:
+        raise ValueError(f"theta_rescale_factor must be a number > 0, got {theta_rescale_factor!r}")
+    if theta_rescale_factor == 1.0:
+        return theta
+    if rot_dim <= 2:
+        raise ValueError(f"theta_rescale_factor needs rot_dim > 2, got rot_dim={rot_dim}")
+    return theta * theta_rescale_factor ** (rot_dim / (rot_dim - 2))
+
+
+def xpos_scale(positions: Tensor, rot_dim: int, scale_base: float = 512.0, center: float | None = None) -> Tensor:
+    """xPos (Sun et al. 2022) scales ``(n, rot_dim)``: rotate, then ``q * scale`` and ``k / scale``.
+
+    ``scale[i, 2j] = scale[i, 2j+1] = zeta_j ** ((p_i - center) / scale_base)`` with
+    ``zeta_j = (2j + 0.4 rot_dim) / (1.4 rot_dim)``, so ``q_i . k_j`` decays as ``zeta ** ((p_i - p_j) / base)``.
+    ``center`` defaults to ``n // 2`` (rotary-embedding-torch's choice; it cancels in the scores). It is not
+    a ``Rotations``: the scale is not orthogonal and differs between q and k, so it is applied beside it.
+    """
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1D (n,), got shape {tuple(positions.shape)}")
+    zeta = (torch.arange(0, rot_dim, 2, device=positions.device) + 0.4 * rot_dim) / (1.4 * rot_dim)
+    center = positions.shape[0] // 2 if center is None else center
+    power = (positions.float() - center) / scale_base
+    return (zeta ** power[:, None]).repeat_interleave(2, dim=-1)

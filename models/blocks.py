@@ -6,6 +6,8 @@ identity rotations of additive encodings make the same code path serve every fac
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, build, rotary_attention
@@ -21,6 +23,32 @@ def check_heads(dim: int, heads: int) -> int:
     return dim // heads
 
 
+class KVCache:
+    """Rotated keys and values of the tokens decoded so far, one ``(k, v)`` pair per layer.
+
+    Pass the same cache to successive ``CharLM`` forwards to decode incrementally: each forward appends its
+    tokens' keys (already rotated at their positions) and values, so a new token costs one rotation at its own
+    position plus attention over the cache. ``length`` is the number of cached tokens (the next position).
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[Tensor, Tensor] | None] = []
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.layers or self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k``, ``v`` ``(batch, heads, n, head_dim)`` to layer ``layer``; return all keys and values."""
+        while len(self.layers) <= layer:
+            self.layers.append(None)
+        past = self.layers[layer]
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection; q and k are rotated by ``rot`` inside SDPA."""
 
@@ -32,12 +60,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
-        """``x``: ``(batch, n, dim)``, ``rot``: depth-1 rotations for ``n`` positions -> ``(batch, n, dim)``."""
+    def forward(self, x: Tensor, rot: Rotations, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """``x``: ``(batch, n, dim)``, ``rot``: depth-1 rotations for ``n`` positions -> ``(batch, n, dim)``.
+
+        With a (causal) ``cache``, the ``n`` tokens follow the cached ones: their rotated keys and values are
+        appended to ``cache`` (slot ``layer``) and they attend to the cache and causally among themselves.
+        """
         batch, n, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.dropout if self.training else 0.0
-        out = rotary_attention(q, k, v, rot, is_causal=self.causal, dropout_p=dropout_p)
+        if cache is None:
+            out = rotary_attention(q, k, v, rot, is_causal=self.causal, dropout_p=dropout_p)
+        else:
+            if not self.causal:
+                raise ValueError("a kv cache needs causal attention")
+            k, v = cache.extend(layer, rot.apply(k), v)
+            past = k.shape[2] - n
+            mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(rot.apply(q), k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, n, dim)))
 
 
@@ -61,8 +101,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
-        x = x + self.attn(self.norm1(x), rot)
+    def forward(self, x: Tensor, rot: Rotations, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.norm1(x), rot, cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -76,12 +116,14 @@ class Transformer(nn.Module):
         check_positive_int(depth, "depth")
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, causal) for _ in range(depth))
 
-    def forward(self, x: Tensor, rot: Rotations) -> Tensor:
-        """``x``: ``(batch, n, dim)``; ``rot``: rotations of depth 1 (shared) or ``depth`` for ``n`` positions."""
+    def forward(self, x: Tensor, rot: Rotations, cache: KVCache | None = None) -> Tensor:
+        """``x``: ``(batch, n, dim)``; ``rot``: rotations of depth 1 (shared) or ``depth`` for ``n`` positions.
+
+        ``cache``: decode incrementally (``KVCache``); the ``n`` tokens follow the cached ones."""
         if rot.depth not in (1, len(self.blocks)):
             raise ValueError(f"rotations have depth {rot.depth}, expected 1 or {len(self.blocks)} (one per block)")
         for i, block in enumerate(self.blocks):
-            x = block(x, rot.for_layer(i))
+            x = block(x, rot.for_layer(i), cache, i)
         return x
 
 

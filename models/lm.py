@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liere import Grid, PositionEncoding
 from liere.encoding import check_positive_int
-from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
+from models.blocks import KVCache, Transformer, check_heads, init_weights, resolve_encoding
 
+# the 1D rotary encodings at head_dim 16 (LieRE with 4x4 blocks and dense): every one decodes with a KVCache
+ROTARY_1D = (
+    "rope",
+    "rope-mixed",
+    "liere4",
+    "liere16",
+    "rope-basis",
+    "string-cayley",
+    "string-circulant",
+    "comrope-ap4",
+    "comrope-ld4",
+)
 LM_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=128, depth=4, heads=4, context=256),
     "small": dict(dim=256, depth=6, heads=8, context=512),
@@ -70,15 +83,54 @@ class CharLM(nn.Module):
         if tie_embeddings:
             self.head.weight = self.token_embed.weight
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``; position t sees tokens 0..t."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``; position t sees tokens 0..t.
+
+        With a ``KVCache`` the tokens continue the cached sequence: they sit at positions ``cache.length``
+        onwards, attend to the cached keys and values, and are appended to the cache.
+        """
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.is_floating_point():
             shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"idx must be an integer tensor (batch, T), got {shape}")
-        grid = Grid((idx.shape[1],))
+        grid = Grid((idx.shape[1],), offset=float(cache.length) if cache is not None else 0.0)
         x = self.encoding.add_to_tokens(self.token_embed(idx), grid)
-        x = self.transformer(self.drop(x), self.encoding(grid))
+        x = self.transformer(self.drop(x), self.encoding(grid), cache)
         return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue prompts ``idx`` ``(B, T)`` by ``max_new_tokens`` sampled tokens; returns ``(B, T + new)``.
+
+        ``temperature=0`` decodes greedily; ``top_k`` samples among the ``k`` likeliest tokens. With
+        ``use_cache`` (default) the prompt is encoded once into a ``KVCache`` and each step feeds only the
+        new token (one rotation at its position); ``use_cache=False`` recomputes the whole sequence per step.
+        """
+        check_positive_int(max_new_tokens, "max_new_tokens")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        cache = KVCache() if use_cache else None
+        out, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            logits = self(step_input, cache)[:, -1].float()
+            if top_k is not None:
+                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature == 0:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+            out = torch.cat([out, token], dim=1)
+            step_input = token if use_cache else out
+        return out
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy of ``forward(idx)`` against ``targets`` ``(B, T)``."""

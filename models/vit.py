@@ -128,7 +128,7 @@ class ViT(nn.Module):
         self._check_images(images)
         patches = self.patch_embed(images)  # (B, dim, *grid)
         x = patches.flatten(2).transpose(1, 2)
-        grid = self.grid(patches.shape[2:])
+        grid = self.grid([int(s) for s in patches.shape[2:]])  # ints under jit.trace too
         x = self.encoding.add_to_tokens(x, grid)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.registers) if t is not None]
         x = torch.cat([*prefix, x], dim=1)

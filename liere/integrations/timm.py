@@ -1,72 +1,103 @@
 """Put any ``liere`` encoding into a timm ``VisionTransformer``.
 
-``liere_timm_vit(model, "liere8")`` keeps timm's model and weights layout and changes three things:
+``liere_timm_vit(model, "liere8")`` keeps timm's model, weights layout and API and changes four things:
 
-- timm's learned ``pos_embed`` is removed (``model.pos_embed = None``); the encoding is attached as
-  ``model.liere_encoding``. Only the spec ``"abs"`` keeps timm's own ``pos_embed`` and returns the model as is.
-- a forward hook on ``model.patch_embed`` reads the patch grid off the input, adds the encoding's absolute
-  embedding if it has one (``"sincos"``), and computes the rotations ONCE per forward with the CLS/register
-  tokens as unrotated prefix tokens (``pe(coords, num_prefix_tokens=model.num_prefix_tokens)``);
-- every block's ``Attention`` is replaced by ``RotaryTimmAttention``, which reuses its submodules (so the
-  state-dict keys are unchanged) and runs ``rotary_attention`` with its layer's rotations.
+- the model becomes a ``RotaryVisionTransformer`` (a ``VisionTransformer`` subclass): ``forward_features`` and
+  ``forward_intermediates`` compute the rotations ONCE per call, in ``_pos_embed`` (from the patch grid, with
+  the CLS/register tokens as unrotated prefix tokens) and hand them to the attention layers through a
+  per-call scope (``liere.integrations.forward_state``): nothing per forward is stored on a module, so the
+  model deep-copies (EMA), pickles, saves whole, and runs in several threads at once;
+- timm's learned ``pos_embed`` is removed (``keep_pos_embed=True`` keeps it as an additive term); the
+  encoding is attached as ``model.liere_encoding``. Only the spec ``"abs"`` returns timm's model as is;
+- every block's ``Attention`` is replaced by ``RotaryTimmAttention`` (same submodules, so the same state-dict
+  keys) and the block becomes a ``RotaryTimmBlock``, which carries the rotations into activation
+  checkpointing's recompute (``set_grad_checkpointing()``);
+- patch dropout (``patch_drop_rate``) gathers each sample's rotations with its kept tokens.
 
-Coordinates are patch indices (``Grid((gh, gw))``), so ``dynamic_img_size=True`` models see larger
-grids at larger coordinates. timm's ``no_weight_decay()`` does not list the encoding: add
-``{"liere_encoding." + n for n in model.liere_encoding.no_weight_decay()}`` to the no-decay set.
+Coordinates (``coord_scale``): ``"index"`` (patch indices, default), ``"stretch"`` (any grid spans the
+training grid's range) or ``"unit"`` (each axis in ``[0, 1]``, the LieRE paper's convention).
+``no_weight_decay()`` lists the encoding's parameters, so ``timm.optim.create_optimizer_v2`` leaves them
+undecayed. ``load_timm_weights`` loads a plain timm state dict (pretrained weights) into an adapted model.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any, NamedTuple
+
 import timm
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
+import torch
+from timm.layers import Attention, PatchDropout
+from timm.layers.patch_dropout import patch_dropout_forward
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from liere import Grid, PositionEncoding, Rotations, rotary_attention
+from liere import Rotations, grid_coords, rotary_attention
 from liere.factory import build, parse_spec
+from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
+
+COORD_SCALES = ("index", "stretch", "unit")
+COORD_AUGMENTS = ("shift_coords", "jitter_coords", "rescale_coords")
 
 
-class RotationsForward:
-    """Per-forward state shared by the hooks and the attention layers of one adapted model."""
+def augment_coords(coords: Tensor, shift: float | None, jitter: float | None, rescale: float | None) -> Tensor:
+    """timm's train-time RoPE coordinate augmentation (same order and draws as ``eva.py``'s ``rope_*_coords``).
 
-    def __init__(self, encoding: PositionEncoding, num_prefix_tokens: int) -> None:
-        self.encoding, self.num_prefix_tokens = encoding, num_prefix_tokens
-        self.rot: Rotations | None = None
+    ``shift``: add one uniform ``[-shift, shift]`` offset per axis; ``jitter``: multiply each axis by its own
+    log-uniform factor in ``[1/jitter, jitter]``; ``rescale``: multiply all axes by one such factor.
+    """
+    axes, like = coords.shape[-1], dict(device=coords.device, dtype=coords.dtype)
+    if shift is not None:
+        coords = coords + torch.empty(axes, **like).uniform_(-shift, shift)
+    if jitter is not None:
+        coords = coords * torch.empty(axes, **like).uniform_(-math.log(jitter), math.log(jitter)).exp()
+    if rescale is not None:
+        coords = coords * torch.empty(1, **like).uniform_(-math.log(rescale), math.log(rescale)).exp()
+    return coords
 
-    def after_patch_embed(self, patch_embed: nn.Module, args: tuple[Tensor, ...], tokens: Tensor) -> Tensor:
-        """Forward hook of ``patch_embed``: add any absolute embedding and compute this forward's rotations.
 
-        ``tokens`` are ``(B, n, dim)`` (grid from ``patch_embed``) or ``(B, gh, gw, dim)`` (dynamic image size).
-        """
-        if tokens.dim() == 4:
-            grid = tuple(tokens.shape[1:3])
-        else:
-            grid = tuple(patch_embed.dynamic_feat_size(tuple(args[0].shape[-2:])))
-        flat = self.encoding.add_to_tokens(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]), Grid(grid))
-        self.rot = self.encoding(Grid(grid), num_prefix_tokens=self.num_prefix_tokens)
-        return flat.reshape(tokens.shape)
+def gather_positions(rot: Rotations, keep: Tensor, num_prefix_tokens: int) -> Rotations:
+    """Per-sample rotations of the prefix tokens and the kept patch tokens ``keep`` ``(B, k)`` (patch indices)."""
+    batch = keep.shape[0]
+    prefix = torch.arange(num_prefix_tokens, device=keep.device).expand(batch, -1)
+    index = torch.cat([prefix, keep + num_prefix_tokens], dim=1)  # (B, prefix + k)
+    if rot.is_identity:
+        return Rotations.identity(rot.head_dim, index.shape[1], rot.depth)
 
-    def release(self, *_: object) -> None:
-        """Forward hook of the model: drop the rotations (and their graph) once the forward is done."""
-        self.rot = None
+    def take(t: Tensor) -> Tensor:  # (depth, S, H, n, ...) -> (depth, B, H, prefix + k, ...)
+        t = t.expand(t.shape[0], batch, *t.shape[2:])
+        trailing = t.shape[4:]
+        idx = index.view(1, batch, 1, -1, *[1] * len(trailing))
+        return t.gather(3, idx.expand(t.shape[0], batch, t.shape[2], index.shape[1], *trailing))
 
-    def for_layer(self, layer: int) -> Rotations:
-        if self.rot is None:
-            raise RuntimeError("rotations not computed: run the adapted model (its patch_embed) before its attention")
-        return self.rot.for_layer(layer)
+    if rot.blocks is not None:
+        return Rotations(rot.head_dim, blocks=take(rot.blocks))
+    return Rotations(rot.head_dim, cos=take(rot.cos), sin=take(rot.sin), basis=rot.basis)
+
+
+class RotaryPatchDropout(PatchDropout):
+    """timm's ``PatchDropout`` that also keeps the rotations of the kept tokens (per sample)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, keep = patch_dropout_forward(x, self.prob, self.num_prefix_tokens, self.ordered, self.training)
+        if keep is not None:
+            scope = current_scope()
+            scope.put(gather_positions(scope.get(x.shape[1]), keep, self.num_prefix_tokens))
+        return out
 
 
 class RotaryTimmAttention(nn.Module):
     """timm ``Attention`` whose q and k are rotated by its layer's rotations; same submodules and keys."""
 
-    def __init__(self, attn: Attention, rotations: RotationsForward, layer: int) -> None:
+    def __init__(self, attn: Attention, layer: int) -> None:
         super().__init__()
         for name, child in attn.named_children():
             self.add_module(name, child)
         if "gate" not in self._modules:
             self.gate = None
         self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
-        self.rotations, self.layer = rotations, layer
+        self.layer = layer
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """timm's ``Attention.forward`` (fused path) with ``rotary_attention``; ``x``: ``(B, n, dim)``."""
@@ -76,7 +107,7 @@ class RotaryTimmAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        rot = self.rotations.for_layer(self.layer)
+        rot = current_scope().get(n).for_layer(self.layer)
         x = rotary_attention(q, k, v, rot, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         x = self.norm(x.transpose(1, 2).reshape(batch, n, self.attn_dim))
         if gate is not None:
@@ -84,34 +115,116 @@ class RotaryTimmAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class RotaryTimmBlock(Block):
+    """timm ``Block`` that checkpoints itself (``grad_checkpointing``), passing the rotations to the recompute."""
+
+    grad_checkpointing = False
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward_in, current_scope(), x, attn_mask, is_causal, use_reentrant=False)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _forward_in(self, scope: ForwardRotations, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        with rotation_scope(scope):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class RotaryVisionTransformer(VisionTransformer):
+    """A timm ``VisionTransformer`` adapted by ``liere_timm_vit`` (see the module docstring)."""
+
+    liere_encoding: nn.Module
+    coord_scale: str
+    train_grid: tuple[int, int]
+    coord_augment: dict[str, float | None]
+
+    def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """Patch coordinates ``(gh * gw, 2)`` of a patch grid, placed according to ``coord_scale``.
+
+        In training mode the coordinate augmentation (``shift_coords`` ...) given to ``liere_timm_vit`` applies.
+        """
+        if self.coord_scale == "unit":
+            spacing = [1 / (g - 1) if g > 1 else 1.0 for g in grid]
+        elif self.coord_scale == "stretch":
+            spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
+        else:
+            spacing = [1.0, 1.0]
+        coords = grid_coords(*grid, spacing=spacing, device=device)
+        augment = [self.coord_augment.get(name) for name in COORD_AUGMENTS]
+        return augment_coords(coords, *augment) if self.training and any(a is not None for a in augment) else coords
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations."""
+        grid = tuple(int(s) for s in x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+        coords = self.patch_coords(grid, x.device)
+        patches = self.liere_encoding.add_to_tokens(x.reshape(x.shape[0], -1, x.shape[-1]), coords)
+        x = super()._pos_embed(patches.reshape(x.shape))
+        current_scope().put(self.liere_encoding(coords, num_prefix_tokens=self.num_prefix_tokens))
+        return x
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with rotation_scope():
+            return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with rotation_scope():
+            return super().forward_intermediates(x, *args, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (each block checkpoints itself; timm's own flag stays off)."""
+        super().set_grad_checkpointing(False)
+        for block in self.blocks:
+            block.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's no-decay names plus the encoding's parameters."""
+        return super().no_weight_decay() | {f"liere_encoding.{n}" for n in self.liere_encoding.no_weight_decay()}
+
+
 def liere_timm_vit(
     model: str | VisionTransformer,
     encoding: str = "liere8",
     *,
     create_kwargs: dict[str, object] | None = None,
+    coord_scale: str = "index",
+    keep_pos_embed: bool = False,
+    shift_coords: float | None = None,
+    jitter_coords: float | None = None,
+    rescale_coords: float | None = None,
     **encoding_options: object,
 ) -> VisionTransformer:
     """Give a timm ViT the position encoding ``encoding`` (a ``liere.build`` spec); modifies ``model`` in place.
 
-    ``model`` is a ``VisionTransformer`` or a timm model name, created with
-    ``timm.create_model(name, pretrained=False, **create_kwargs)``. The encoding is built with
-    ``head_dim``/``num_heads`` of the attention layers, ``depth`` = number of blocks, ``dim`` = embed dim,
-    ``grid_shape`` = the patch grid, and ``encoding_options``. Returns the model.
+    ``model`` is a ``VisionTransformer`` or a timm model name, created with ``timm.create_model(name,
+    **create_kwargs)`` (``pretrained=True`` loads timm's weights first; offline, point timm at a local file
+    with ``pretrained_cfg_overlay=dict(file=path)``). The encoding is built with ``head_dim``/``num_heads``
+    of the attention layers, ``depth`` = number of blocks, ``dim`` = embed dim, ``grid_shape`` = the patch
+    grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``.
+    ``keep_pos_embed`` keeps timm's learned ``pos_embed`` as an additive term beside the encoding.
+    ``shift_coords``, ``jitter_coords``, ``rescale_coords``: timm's train-time coordinate augmentation
+    (``augment_coords``; shift >= 0, factors >= 1). Returns the model (now a ``RotaryVisionTransformer``).
     """
     if isinstance(model, str):
-        model = timm.create_model(model, pretrained=False, **(create_kwargs or {}))
+        model = timm.create_model(model, **({"pretrained": False} | (create_kwargs or {})))
     elif create_kwargs:
         raise ValueError("create_kwargs only apply when model is a timm model name")
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer or its name, got {type(model).__name__}")
+    if coord_scale not in COORD_SCALES:
+        raise ValueError(f"coord_scale must be one of {COORD_SCALES}, got {coord_scale!r}")
+    augment = dict(shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords)
+    for name, value in augment.items():
+        low = 0.0 if name == "shift_coords" else 1.0
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be a finite number >= {low:g} or None, got {value!r}")
     if parse_spec(encoding)[0] == "abs":
         return model  # timm's own learned absolute embedding
-    if not isinstance(model.patch_drop, nn.Identity):
-        raise ValueError("patch dropout (patch_drop_rate > 0) drops tokens after the rotations are fixed; disable it")
+    if type(model) is not VisionTransformer:
+        raise TypeError(f"only timm's VisionTransformer itself can be adapted, got {type(model).__name__}")
+    if any(type(block) is not Block or type(block.attn) is not Attention for block in model.blocks):
+        kinds = sorted({f"{type(b).__name__}/{type(b.attn).__name__}" for b in model.blocks})
+        raise TypeError(f"only timm's plain Block with Attention can be adapted, got {kinds}")
     attns = [block.attn for block in model.blocks]
-    if any(type(attn) is not Attention for attn in attns):
-        kinds = sorted({type(attn).__name__ for attn in attns})
-        raise TypeError(f"only blocks with timm's plain Attention can be adapted, got {kinds}")
     pe = build(
         encoding,
         head_dim=attns[0].head_dim,
@@ -122,11 +235,52 @@ def liere_timm_vit(
         grid_shape=tuple(model.patch_embed.grid_size),
         **encoding_options,
     )
-    model.pos_embed = None
+    model.__class__ = RotaryVisionTransformer
+    if not keep_pos_embed:
+        model.pos_embed = None
     model.liere_encoding = pe
-    rotations = RotationsForward(pe, model.num_prefix_tokens)
+    model.coord_scale, model.train_grid = coord_scale, tuple(model.patch_embed.grid_size)
+    model.coord_augment = augment
+    if isinstance(model.patch_drop, PatchDropout):
+        drop = model.patch_drop
+        model.patch_drop = RotaryPatchDropout(drop.prob, drop.num_prefix_tokens, drop.ordered)
     for layer, block in enumerate(model.blocks):
-        block.attn = RotaryTimmAttention(block.attn, rotations, layer)
-    model.patch_embed.register_forward_hook(rotations.after_patch_embed)
-    model.register_forward_hook(rotations.release)
+        block.attn = RotaryTimmAttention(block.attn, layer)
+        block.__class__ = RotaryTimmBlock
     return model
+
+
+class LoadReport(NamedTuple):
+    """What ``load_timm_weights`` did: encoding parameters left at their init, timm keys dropped."""
+
+    new_encoding_params: list[str]
+    dropped: list[str]
+
+
+def load_timm_weights(model: RotaryVisionTransformer, state_dict: dict[str, Tensor]) -> LoadReport:
+    """Load a plain timm ViT ``state_dict`` (e.g. pretrained weights) into an adapted ``model``.
+
+    Every timm key must match (strict), except ``pos_embed``: dropped, or loaded as the additive term when
+    the model was adapted with ``keep_pos_embed=True`` (resampled by timm if the grid differs). The
+    encoding's parameters keep their initialisation; they are listed in the report.
+    """
+    if not isinstance(model, RotaryVisionTransformer):
+        raise TypeError(f"model must come from liere_timm_vit, got {type(model).__name__}")
+    state = dict(state_dict)
+    dropped = []
+    if "pos_embed" in state and model.pos_embed is None:
+        del state["pos_embed"]
+        dropped.append("pos_embed")
+    elif "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if k.startswith("liere_encoding.")]
+    if unexpected or len(new) != len(missing):
+        wrong = sorted(set(missing) - set(new))
+        raise ValueError(f"state_dict does not fit the adapted model: missing {wrong}, unexpected {unexpected}")
+    return LoadReport(new, dropped)

@@ -1,30 +1,77 @@
-"""x-transformers adapter: LieRE (or any liere encoding) in an x-transformers decoder via its q/k projections.
+"""x-transformers adapter: any 1D liere encoding in an x-transformers decoder, through its q/k projections.
 
 See docs/x_transformers.md for why the ``rotary_pos_emb`` hook cannot carry LieRE and what this supports.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from x_transformers.x_transformers import Attention, AttentionLayers, TransformerWrapper, always
 
-from liere import Grid, PositionEncoding, build
+from liere import PositionEncoding, build
+from liere.integrations.forward_state import ForwardRotations, close_scope, current_scope, open_scope
 
-UNSUPPORTED_KWARGS = ("cache", "mems", "pos", "seq_start_pos", "context", "rotary_pos_emb")
+UNSUPPORTED_KWARGS = ("mems", "context", "rotary_pos_emb")
 
 
 class RotatedLinear(nn.Linear):
-    """x-transformers' ``to_q``/``to_k`` followed by one layer's rotations (same weights, same keys)."""
+    """x-transformers' ``to_q``/``to_k`` followed by one layer's rotations (same weights, same keys).
 
-    def __init__(self, linear: nn.Linear, heads: int, state: dict, layer: int) -> None:
+    The rotations come from the running forward's scope (``liere.integrations.forward_state``), for the
+    tokens this projection sees: all of them, or only the new ones when decoding with a kv cache (whose
+    keys are stored already rotated, so a decoding step rotates only its new tokens).
+    """
+
+    def __init__(self, linear: nn.Linear, heads: int, layer: int) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight, self.bias = linear.weight, linear.bias
-        self.heads, self.state, self.layer = heads, state, layer
+        self.heads, self.layer = heads, layer
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(b, n, heads * head_dim)`` projections, rotated per head at positions ``0..n-1``."""
+        """``(b, n, heads * head_dim)`` projections, rotated per head at the positions of these ``n`` tokens."""
         out = super().forward(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (b, heads, n, head_dim)
-        return self.state["rot"].for_layer(self.layer).apply(out).transpose(1, 2).flatten(-2)
+        rot = current_scope().get(x.shape[1]).for_layer(self.layer)
+        return rot.apply(out).transpose(1, 2).flatten(-2)
+
+
+def token_positions(x: Tensor, kwargs: dict) -> Tensor:
+    """Positions ``(n,)`` or ``(b, n)`` of all ``x.shape[1] + offset`` tokens, as x-transformers' rotary uses.
+
+    ``pos`` (custom positions) if given, else ``0 .. n + seq_pos_offset - 1`` with x-transformers' offset
+    (the cache length when decoding with a cache). Left padding (``seq_start_pos``) does not shift them:
+    x-transformers masks the padding and keeps the positions, and every 1D rotary encoding is relative.
+    """
+    if kwargs.get("pos") is not None:
+        pos = kwargs["pos"]
+        if pos.dtype.is_floating_point or pos.dim() not in (1, 2):
+            raise ValueError(f"pos must be integer positions (n,) or (b, n), got {pos.dtype} {tuple(pos.shape)}")
+        return pos
+    offset = kwargs.get("seq_pos_offset")
+    if offset is None:
+        offset = kwargs["cache"].cache_length if kwargs.get("cache") is not None else 0
+    return torch.arange(x.shape[1] + offset, device=x.device)
+
+
+def _open(layers: AttentionLayers, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the adapted ``AttentionLayers``: open this forward's rotations scope."""
+    given = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(f"liere adapter: {given} not supported (they change positions the adapter does not see)")
+    x = args[0] if args else kwargs["x"]
+    positions = token_positions(x, kwargs)
+    pe = layers.liere_encoding
+
+    def compute(n: int) -> object:  # the last n positions (the tokens that reach to_q / to_k)
+        coords = positions[..., -n:, None].to(torch.float32)
+        return pe(coords)
+
+    open_scope(ForwardRotations(compute))
+
+
+def _close(*_: object) -> None:
+    """Forward hook (always called, also on errors): release this forward's rotations."""
+    close_scope()
 
 
 def liere_x_transformers(
@@ -34,13 +81,13 @@ def liere_x_transformers(
 
     Returns the encoding, registered as ``attn_layers.liere_encoding``. Needs no x-transformers positional
     embedding (``use_abs_pos_emb=False``, ``rotary_pos_emb=False``), no qk-norm, ``kv_heads == heads``, no
-    cross-attention or memory, and no kv cache (``generate`` then runs without it).
+    cross-attention or memory. Supports x-transformers' kv cache (``generate(cache_kv=True)``, ``cache=``),
+    ``seq_start_pos`` (left-padded prompts) and integer ``pos``. The adapted model deep-copies, pickles and
+    saves like any module (nothing per forward is stored on it).
     """
     layers = model.attn_layers if isinstance(model, TransformerWrapper) else model
-    if isinstance(model, TransformerWrapper):
-        if not isinstance(model.pos_emb, always) or model.num_memory_tokens:
-            raise ValueError("build the TransformerWrapper with use_abs_pos_emb=False and no memory tokens")
-        model.can_cache_kv = False
+    if isinstance(model, TransformerWrapper) and (not isinstance(model.pos_emb, always) or model.num_memory_tokens):
+        raise ValueError("build the TransformerWrapper with use_abs_pos_emb=False and no memory tokens")
     if not isinstance(layers, AttentionLayers) or layers.rotary_pos_emb is not None or layers.cross_attend:
         raise ValueError("model must be x-transformers self-attention layers built with rotary_pos_emb=False")
     attns = [m for m in layers.modules() if isinstance(m, Attention)]
@@ -48,19 +95,12 @@ def liere_x_transformers(
         if attn.qk_norm or attn.q_rmsnorm is not None or attn.kv_heads != attn.heads or attn.use_latent_kv:
             raise ValueError("qk-norm, grouped kv heads and latent kv are not supported (they act after to_q/to_k)")
     heads = attns[0].heads
-    pe = build(encoding, head_dim=attns[0].to_q.out_features // heads, num_heads=heads, depth=len(attns), **options)
+    head_dim = attns[0].to_q.out_features // heads
+    pe = build(encoding, head_dim=head_dim, num_axes=1, num_heads=heads, depth=len(attns), **options)
     layers.liere_encoding = pe
-    state: dict = {}
-
-    def compute_rotations(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        given = [name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
-        if given or kwargs.get("seq_pos_offset"):
-            raise ValueError(f"liere adapter: {given} not supported (positions are 0..n-1, no kv cache)")
-        x = args[0] if args else kwargs["x"]
-        state["rot"] = pe(Grid((x.shape[1],)))
-
-    layers.register_forward_pre_hook(compute_rotations, with_kwargs=True)
+    layers.register_forward_pre_hook(_open, with_kwargs=True)
+    layers.register_forward_hook(_close, always_call=True)
     for layer, attn in enumerate(attns):
-        attn.to_q = RotatedLinear(attn.to_q, heads, state, layer)
-        attn.to_k = RotatedLinear(attn.to_k, heads, state, layer)
+        attn.to_q = RotatedLinear(attn.to_q, heads, layer)
+        attn.to_k = RotatedLinear(attn.to_k, heads, layer)
     return pe
