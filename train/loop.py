@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from train import checkpoint
+from train import checkpoint, inspect
 from train.presets import RunConfig
 from train.tasks import Task, autocast, load_task
 
@@ -233,7 +233,7 @@ def train(
             window = dict.fromkeys(window, 0)
         if step % config.eval_every == 0 or step == config.steps:
             metrics = evaluate(task, model, "val", device, rank, world)
-            record |= {f"val_{k}": v for k, v in metrics.items()}
+            record |= {f"val_{k}": v for k, v in metrics.items()} | inspect.position_metrics(model)
         if record:
             log.write({"step": step, **record})
         if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from train import plots
+from train import inspect, plots
 from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 
 EVALUATION_FILE, CORRECT_FILE = "evaluation.json", "test_correct.pt"  # per run folder, written by train.evaluate
@@ -288,7 +288,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
         head.append("![learning curves](curves.png)")
     evals = _evaluations(root, main_runs(results))
     sections = [shuffle_section(evals, root), *extrapolation_sections(evals, root), length_section(evals, root),
-                fraction_section(results, root)]  # fmt: skip
+                fraction_section(results, root), inspect.section(root)]  # fmt: skip
     out = root / "report.md"
     out.write_text("\n\n".join(head + [s for s in sections if s]) + "\n")
     return out
