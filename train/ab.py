@@ -54,6 +54,16 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def split_encoding(text: str) -> tuple[str, dict[str, Any]]:
+    """An ``--encodings`` item -> (factory spec, model options): ``"liere8:init=uniform@unit"`` ->
+    ``("liere8:init=uniform", {"unit_coords": True})``; ``@unit`` trains the ViT on ``[0, 1]`` patch coordinates
+    (spacing ``1/(n-1)``, the LieRE paper's convention) instead of patch indices."""
+    spec, at, suffix = text.partition("@")
+    if at and suffix != "unit":
+        raise ValueError(f"--encodings: the only suffix is '@unit' ([0, 1] patch coordinates), got {text!r}")
+    return spec, {"unit_coords": True} if at else {}
+
+
 def run_name(encoding: str, seed: int, fraction: float = 1.0) -> str:
     """Folder name of one run, e.g. ``liere64_init=uniform-s0`` (``liere8-f0.1-s0`` on 10% of the data)."""
     part = "" if fraction == 1.0 else f"-f{fraction:g}"
@@ -68,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encodings",
         help=f"comma-separated liere factory specs (e.g. liere8, liere64:init=uniform); the first is the\n"
-        f"step-time reference. Default: {IMAGE_ENCODINGS} (text tasks: {TEXT_ENCODINGS})",
+        f"step-time reference; a suffix @unit trains that one on [0, 1] patch coordinates (ViT unit_coords).\n"
+        f"Default: {IMAGE_ENCODINGS} (text tasks: {TEXT_ENCODINGS})",
     )
     p.add_argument(
         "--preset",
@@ -144,6 +155,12 @@ def check_encodings(task: Task, configs: Sequence[RunConfig]) -> None:
             raise ValueError(f"--encodings: {config.encoding!r} does not work for task {config.task!r}: {err}") from err
 
 
+def _config(base: RunConfig, encoding: str, seed: int, fraction: float) -> RunConfig:
+    spec, model_options = split_encoding(encoding)
+    changes = {"encoding": spec, "seed": seed, "train_fraction": fraction}
+    return RunConfig(**(base.to_dict() | changes | {"model_options": base.model_options | model_options}))
+
+
 def _finished(run_dir: Path, config_hash: str) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else None
@@ -168,13 +185,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--data-fractions: fractions must be in (0, 1], got {args.data_fractions!r}")
     if args.reference is not None and args.reference not in encodings:
         raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
-    base = preset_config(args.preset, args.task, encoding=encodings[0], device=args.device, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, compile=args.compile or None,
+    base = preset_config(args.preset, args.task, encoding=split_encoding(encodings[0])[0], device=args.device,
+                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, compile=args.compile or None,
                          eval_samples=args.eval_samples)  # fmt: skip
     rank, world = init_distributed(resolve_device(args.device))
     out = Path(_shared(str(_run_folder(args))))
-    configs = {(e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
-               for f in fractions for e in encodings for s in seeds}  # fmt: skip
+    configs = {(e, s, f): _config(base, e, s, f) for f in fractions for e in encodings for s in seeds}
     task = load_task(base)
     check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:
