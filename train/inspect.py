@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -245,13 +244,14 @@ def write(root: str | Path) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> Path | None:
     p = argparse.ArgumentParser(prog="python -m train.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a train.ab folder (results.json) or one run's folder (last.pt)")
-    path = write(p.parse_args(argv).run_dir)
+    args = p.parse_args(argv)
+    try:
+        path = write(args.run_dir)
+    except ValueError as err:
+        p.error(str(err))  # exits with the usage line and status 2
     print(f"inspection: {path}" if path else "no run with learned generators (LieRE, RoPE-Mixed, STRING, ComRoPE)")
     return path
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    main()
