@@ -234,7 +234,7 @@ def _write(out: Path, results: dict[str, Any], reference: str | None) -> None:
     """results.json, results.md, report.md and the plots; prints the table and the wall time."""
     metric = results["metric"]
     paths = [{**r, "metrics_log": out / r["metrics_log"]} for r in report.main_runs(results)]
-    plots.learning_curves(paths, metric, out / "curves.png")
+    plots.learning_curves(paths, metric, out / "curves.png", report.chance_level(results))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results["table"] + "\n")
     report.write_report(out, reference)

@@ -39,6 +39,12 @@ def main_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results["runs"] if r.get("fraction", 1.0) == fraction]
 
 
+def chance_level(results: dict[str, Any]) -> float | None:
+    """Accuracy of guessing, ``1 / num_classes`` of the runs' model (None for other metrics or unknown classes)."""
+    classes = results["runs"][0].get("model_spec", {}).get("kwargs", {}).get("num_classes")
+    return 1 / classes if results["metric"] == "accuracy" and classes else None
+
+
 def _scale(metric: str) -> tuple[float, int, str]:
     """Table scale, digits and unit of a metric (accuracy in percent)."""
     return (100.0, 1, " (%)") if metric == "accuracy" else (1.0, 3, "")
@@ -142,7 +148,7 @@ def per_encoding(evals: dict[str, list[dict[str, Any]]], pick: Callable[[dict[st
     return {e: picks for e, picks in found.items() if picks}
 
 
-def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
+def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None) -> str | None:
     """Patch-shuffle table (accuracy, shuffled accuracy, drop; mean [CI] over seeds) and its bar plot."""
     found = per_encoding(evals, lambda x: x.get("shuffle"))
     if not found:
@@ -153,7 +159,7 @@ def shuffle_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str |
     lines += [f"| {e} | " + " | ".join(c[k].format(1, 100) for k in keys) + " |" for e, c in cis.items()]
     plots.ci_bars(list(cis), {"unshuffled": [c["accuracy"] for c in cis.values()],
                               "patches shuffled": [c["shuffled_accuracy"] for c in cis.values()]},
-                  "test accuracy", "patch-shuffle diagnostic (95% CI over seeds)", root / "shuffle.png")  # fmt: skip
+                  "accuracy", "patch shuffle", root / "shuffle.png", chance)  # fmt: skip
     intro = ("Test accuracy when each test image's patches (tubelets for clips) are permuted with a fixed "
              "seeded permutation per image; a large drop means the model uses patch positions.")  # fmt: skip
     return "\n\n".join(["## Patch-shuffle diagnostic", intro, "\n".join(lines), "![patch shuffle](shuffle.png)"])
@@ -172,7 +178,8 @@ def _grouped(records: dict[str, list[list[dict[str, Any]]]], key: Callable[[dict
     return out
 
 
-def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -> list[str]:
+def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None
+                           ) -> list[str]:  # fmt: skip
     """One table and line plot per extrapolation kind ("resize" images, arrow "canvas"): accuracy vs factor."""
     sections = []
     for kind, title in (("resize", "resized test images"), ("canvas", "larger arrow canvas, same cell size")):
@@ -186,14 +193,15 @@ def extrapolation_sections(evals: dict[str, list[dict[str, Any]]], root: Path) -
         cis = _grouped(records, lambda r: (r["mode"], r["factor"]), "accuracy")
         header = " | ".join(f"{f:g}x: {shape[f]}, grid {grid[f]}" for f in factors)
         lines = [f"| encoding | coords | {header} |", "|---|---|" + "---:|" * len(factors)]
-        series = {}
+        panels: dict[str, plots.Series] = defaultdict(dict)
         for encoding, by_key in cis.items():
             for mode in sorted({m for m, _ in by_key}):
                 lines.append(f"| {encoding} | {mode} | " + " | ".join(by_key[mode, f].format(1, 100) for f in factors)
                              + " |")  # fmt: skip
-                series[f"{encoding} ({mode})"] = (factors, [by_key[mode, f] for f in factors])
+                panels[f"{mode} coordinates"][encoding] = (factors, [by_key[mode, f] for f in factors])
         name = f"extrapolate_{kind}.png"
-        plots.ci_lines(series, "scale factor", "test accuracy", f"extrapolation: {title}", root / name)
+        plots.ci_lines(panels, "scale factor (patch grid)", "accuracy", f"extrapolation: {title}", root / name,
+                       chance=chance, xticklabels={f: f"{f:g}x\n{grid[f]}" for f in factors})  # fmt: skip
         note = (
             "Test accuracy (%) vs scale factor. `index`: patch coordinates keep their spacing (a larger grid "
             "covers a larger range); `stretch`: the larger grid is squeezed onto the trained coordinate range."
@@ -217,8 +225,9 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | 
     lines = ["| encoding | " + " | ".join(f"{m}x ({lengths[m]} tokens)" for m in multiples) + " |",
              "|---|" + "---:|" * len(multiples)]  # fmt: skip
     lines += [f"| {e} | " + " | ".join(c[m].format(3) for m in multiples) + " |" for e, c in cis.items()]
-    plots.ci_lines({e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()}, "context multiple",
-                   "test bits per character", "length extrapolation", root / "length.png")  # fmt: skip
+    plots.ci_lines({"": {e: (multiples, [c[m] for m in multiples]) for e, c in cis.items()}},
+                   "evaluation length (multiple of the training context)", "bpc", "length extrapolation",
+                   root / "length.png", xticklabels={m: f"{m}x" for m in multiples}, log_x=True)  # fmt: skip
     intro = "Test bits per character (lower is better) in windows of 1x, 2x, ... the training context."
     return "\n\n".join(["## Length extrapolation", intro, "\n".join(lines), "![length extrapolation](length.png)"])
 
@@ -235,13 +244,9 @@ def fraction_section(results: dict[str, Any], root: Path) -> str | None:
     cis = _grouped(records, lambda r: r["fraction"], metric)
     lines = ["| encoding | " + " | ".join(f"{f:g}" for f in fractions) + " |", "|---|" + "---:|" * len(fractions)]
     lines += [f"| {e} | " + " | ".join(c[f].format(digits, scale) for f in fractions) + " |" for e, c in cis.items()]
-    plots.ci_lines(
-        {e: (fractions, [c[f] for f in fractions]) for e, c in cis.items()},
-        "fraction of training set",
-        f"test {plots.METRIC_LABELS.get(metric, metric)}",
-        "data-fraction ablation",
-        root / "fractions.png",
-    )
+    plots.ci_lines({"": {e: (fractions, [c[f] for f in fractions]) for e, c in cis.items()}},
+                   "fraction of the training set", metric, "data-fraction ablation", root / "fractions.png",
+                   chance=chance_level(results), log_x=True)  # fmt: skip
     intro = (
         f"Test {metric}{unit} when training on a seeded subset of the training set (the same subset for "
         "every encoding; smaller fractions are nested in larger ones), same step budget."
@@ -264,9 +269,10 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
     results = json.loads(path.read_text())
     metric, rows = results["metric"], summarize(results, root, reference)
     scale, digits, unit = _scale(metric)
+    chance = chance_level(results)
     plots.ci_bars([r["encoding"] for r in rows], {"test": [Interval(r["mean"], r["low"], r["high"],
-                  len(r["values"])) for r in rows]}, f"test {plots.METRIC_LABELS.get(metric, metric)}",
-                  f"final test {metric} (95% CI over seeds)", root / "final.png")  # fmt: skip
+                  len(r["values"])) for r in rows]}, metric, f"final test {metric}", root / "final.png",
+                  chance)  # fmt: skip
     seeds = results["seeds"]
     per_seed = "\n".join(f"- {r['encoding']}: " + ", ".join(f"s{s} {scale * v:.{digits}f}" for s, v in
                          zip(r["seeds"], r["values"], strict=True)) for r in rows)  # fmt: skip
@@ -287,7 +293,8 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
     if (root / "curves.png").is_file():
         head.append("![learning curves](curves.png)")
     evals = _evaluations(root, main_runs(results))
-    sections = [shuffle_section(evals, root), *extrapolation_sections(evals, root), length_section(evals, root),
+    sections = [shuffle_section(evals, root, chance), *extrapolation_sections(evals, root, chance),
+                length_section(evals, root),
                 fraction_section(results, root), inspect.section(root)]  # fmt: skip
     out = root / "report.md"
     out.write_text("\n\n".join(head + [s for s in sections if s]) + "\n")
