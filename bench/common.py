@@ -79,7 +79,9 @@ def describe(device: torch.device) -> str:
 def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: str) -> argparse.ArgumentParser:
     """The options both harnesses share: ``--device``, ``--size``, ``--repeats`` (of ``repeated``), ``--json``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if any)"
+    )
     parser.add_argument("--size", choices=sizes, help="default: tiny on CPU, real on CUDA")
     parser.add_argument("--repeats", type=int, default=5, help=f"timed {repeated} (median reported)")
     parser.add_argument("--json", help="also write all rows to this JSON file")
@@ -91,3 +93,15 @@ def write_json(results: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+
+
+class RowPrinter:
+    """Prints a markdown table as its rows come in: the header with the first rows, each line flushed."""
+
+    def __init__(self, columns: Sequence[tuple[str, str]]) -> None:
+        self.columns, self.started = columns, False
+
+    def __call__(self, rows: Sequence[dict]) -> None:
+        lines = markdown_table(rows, self.columns).split("\n")
+        print("\n".join(lines[2:] if self.started else lines), flush=True)
+        self.started = True

@@ -3,14 +3,16 @@
 Two markdown tables; every row carries its time relative to a baseline timed in the same run:
 
 - exponential: every ``skew_expm`` method against ``torch.linalg.matrix_exp`` in fp32, forward and
-  forward+backward, on the generator stacks of real models (paper init: uniform ``[0, 2 pi)`` generators,
-  coordinates in ``[0, 1]``), with orthogonality and relative error against the fp64 ``matrix_exp``; on
-  1D stacks also ``progression`` (``skew_expm_progression``: powers of one exponential per generator);
+  forward+backward (time, and ``b x b`` products per rotation), on the generator stacks of real models
+  (paper init: uniform ``[0, 2 pi)`` generators, coordinates in ``[0, 1]``), with orthogonality and relative
+  error against the fp64 ``matrix_exp``; on 1D stacks also ``progression`` (``skew_expm_progression``: powers
+  of one exponential per generator);
 - application: ``Rotations.apply`` (pairs, blocks) against an eager RoPE (rotary-embedding-torch when
   installed) and one SDPA call of the same shape.
 
-``--size`` defaults to ``tiny`` on CPU and ``real`` on CUDA. On CUDA the application runs in bf16 (autocast),
-times come from CUDA events, and peak memory from ``torch.cuda.max_memory_allocated``.
+``--size`` defaults to ``tiny`` on CPU and ``real`` on CUDA; rows are printed as they are measured. On CUDA the
+application runs in bf16 (autocast), times come from CUDA events, and peak memory from
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import add_ratios, autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
+from bench.common import RowPrinter, add_ratios, autocast, bench_parser, default_size, describe, time_ms, write_json
 from liere.coords import grid_coords
 from liere.expm import orthogonality_error, skew_expm, skew_expm_progression
 from liere.lie import LieRE
@@ -32,7 +35,7 @@ from liere.rotations import Rotations
 
 SIZES = ("tiny", "small", "real")
 HEAD_DIM = 64
-BLOCKS = (2, 3, 4, 8, 16, 64)
+BLOCKS = (2, 4, 8, 64)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -72,7 +75,7 @@ def algebra(gens: Tensor, coords: Tensor) -> Tensor:
 
 def exp_methods(stack: Stack, b: int) -> list[str]:
     """The baseline, every ``skew_expm`` method for ``b``, and powers of one exponential on 1D stacks."""
-    return ["matrix_exp", "exact", *(["closed"] if b <= 3 else []), "taylor_cans", *(["progression"] * is_1d(stack))]
+    return ["matrix_exp", "exact", *(["closed"] if b <= 4 else []), "taylor_cans", *(["progression"] * is_1d(stack))]
 
 
 def is_1d(stack: Stack) -> bool:
@@ -81,7 +84,7 @@ def is_1d(stack: Stack) -> bool:
 
 def auto_method(stack: Stack, b: int) -> str:
     """What LieRE runs: powers on evenly spaced 1D positions (b >= 3), else ``skew_expm``'s ``"auto"``."""
-    return "progression" if is_1d(stack) and b >= 3 else "closed" if b <= 3 else "taylor_cans"
+    return "progression" if is_1d(stack) and b >= 3 else "closed" if b <= 4 else "taylor_cans"
 
 
 def exp_function(
@@ -103,6 +106,61 @@ def exp_function(
     return powers, gens[:, :, 0].to(device), lambda G: algebra(G.unsqueeze(2), coords)
 
 
+class ProductCounter(TorchDispatchMode):
+    """Counts the flops of every matrix product dispatched (``mm``, ``bmm``, ``baddbmm``, ``addmm``; forward and
+    backward), in units of one ``b x b`` product (``2 b^3`` flops)."""
+
+    OPS = ("aten.mm.", "aten.bmm.", "aten.baddbmm.", "aten.addmm.")
+
+    def __init__(self, b: int) -> None:
+        super().__init__()
+        self.b, self.products = b, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if str(func).startswith(self.OPS):
+            a, c = args[-2], args[-1]  # (batch,) m x k  @  (batch,) k x n
+            self.products += a.numel() * c.shape[-1] / self.b**3
+        return func(*args, **(kwargs or {}))
+
+
+def products_per_rotation(fn: Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> float:
+    """``b x b`` products per output rotation of ``fn(x)`` (forward, or forward + backward), counted as dispatched."""
+    x = x.detach().requires_grad_(backward)
+    with ProductCounter(x.shape[-1]) as counter:
+        R = fn(x)
+        if backward:
+            R.backward(torch.randn_like(R))
+    return counter.products / R.shape[0]
+
+
+# torch.linalg.matrix_exp (Bader-Blanes-Casas) picks its degree by the 1-norm: Taylor degrees 1, 2, 4, 8, 12
+# below these fp32 bounds (0 to 4 products), else degree 18 (5 products) and ceil(log2(norm / 3.01)) squarings
+MATRIX_EXP_THETAS = (
+    1.192092800768788e-07,
+    5.978858893805233e-04,
+    5.116619363445086e-02,
+    5.800524627688768e-01,
+    1.461661507209034,
+)
+
+
+def matrix_exp_products(A: Tensor) -> Tensor:
+    """Products (in ``b x b`` units) ``torch.linalg.matrix_exp`` spends on each matrix of ``A`` (its kernels run
+    below the dispatcher, so they are counted from its algorithm). Backward: ``matrix_exp`` of the ``2b x 2b``
+    block matrix ``[[A^T, G], [0, A^T]]``, 8 units per product."""
+    norm = torch.linalg.matrix_norm(A.double(), ord=1)
+    small = torch.bucketize(norm, torch.tensor(MATRIX_EXP_THETAS, dtype=torch.float64))  # 0..5
+    squarings = torch.ceil(torch.log2(norm / 3.010066362817634)).clamp(min=0)
+    return torch.where(small < 5, small.double(), 5 + squarings)
+
+
+def matrix_exp_fwd_bwd_products(A: Tensor) -> float:
+    """Mean forward + backward products per matrix of ``torch.linalg.matrix_exp`` with an N(0, 1) cotangent."""
+    G = torch.randn_like(A.double())
+    meta = torch.cat([torch.cat([A.double().mT, G], -1), torch.cat([torch.zeros_like(G), A.double().mT], -1)], -2)
+    return float((matrix_exp_products(A) + 8 * matrix_exp_products(meta)).mean())
+
+
 def fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
     """A closure running ``fn(x)`` forward and backward against a fixed random cotangent."""
     x = x.detach().requires_grad_()
@@ -115,14 +173,23 @@ def fwd_bwd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], None]:
     return step
 
 
-def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], repeats: int) -> list[dict]:
-    """One row per (stack, b, input dtype, method); baseline: ``torch.linalg.matrix_exp`` fp32."""
+def bench_exponential(
+    size: str,
+    device: torch.device,
+    blocks: Sequence[int],
+    repeats: int,
+    emit: Callable[[list[dict]], None],
+    dtypes: Sequence[str] = ("fp32",),
+) -> list[dict]:
+    """One row per (stack, b, input dtype, method); baseline: ``torch.linalg.matrix_exp`` fp32. Each (stack, b)
+    group goes to ``emit`` as soon as it is measured."""
     rows = []
     for stack in stacks(size):
         for b in blocks:
             gens, coords = generators(stack, b)
             group, fns = [], {}
-            for dname, dtype in DTYPES.items():
+            for dname in dtypes:
+                dtype = DTYPES[dname]
                 for method in exp_methods(stack, b):
                     if method == "matrix_exp" and dtype != torch.float32:
                         continue  # the baseline; natively in bf16 it returns NaN or is unsupported
@@ -131,6 +198,10 @@ def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], re
                     R = fn(x)
                     ref = torch.linalg.matrix_exp(to_algebra(x.double()))  # the exact result for this input
                     rel = torch.linalg.matrix_norm(R.double() - ref).amax() / math.sqrt(b)
+                    if method in ("matrix_exp", "exact"):
+                        products = float(matrix_exp_products(x).mean()), matrix_exp_fwd_bwd_products(x)
+                    else:
+                        products = tuple(products_per_rotation(fn, x, backward) for backward in (False, True))
                     key = (dname, method)
                     fns[("fwd", *key)] = lambda fn=fn, x=x: fn(x)
                     fns[("fwdbwd", *key)] = fwd_bwd(fn, x)
@@ -142,6 +213,8 @@ def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], re
                             dtype=dname,
                             method=method,
                             auto=method == auto_method(stack, b),
+                            fwd_products=products[0],
+                            fwdbwd_products=products[1],
                             orth_error=float(orthogonality_error(R)),
                             rel_error=float(rel),
                         )
@@ -150,8 +223,9 @@ def bench_exponential(size: str, device: torch.device, blocks: Sequence[int], re
             for row in group:
                 for t in ("fwd", "fwdbwd"):
                     row[f"{t}_ms"] = times[(t, row["dtype"], row["method"])]
+            add_ratios(group, lambda r: None, lambda r: r["method"] == "matrix_exp")
+            emit(group)
             rows += group
-    add_ratios(rows, lambda r: (r["stack"], r["block"]), lambda r: r["method"] == "matrix_exp")
     return rows
 
 
@@ -162,6 +236,8 @@ EXP_COLUMNS = [
     ("dtype", "input"),
     ("method", "method"),
     ("auto", "auto"),
+    ("fwd_products", "products fwd"),
+    ("fwdbwd_products", "products fwd+bwd"),
     ("fwd_ms", "fwd ms"),
     ("fwd_ratio", "fwd / matrix_exp"),
     ("fwdbwd_ms", "fwd+bwd ms"),
@@ -257,8 +333,11 @@ def attention_steps(
     return forward, train
 
 
-def bench_application(size: str, device: torch.device, blocks: Sequence[int], repeats: int) -> list[dict]:
-    """One row per (shape, variant); baseline: the eager RoPE on the same queries."""
+def bench_application(
+    size: str, device: torch.device, blocks: Sequence[int], repeats: int, emit: Callable[[list[dict]], None]
+) -> list[dict]:
+    """One row per (shape, variant); baseline: the eager RoPE on the same queries. Each shape's rows go to
+    ``emit`` as soon as they are measured."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for shape in shapes(size):
@@ -269,8 +348,9 @@ def bench_application(size: str, device: torch.device, blocks: Sequence[int], re
         for variant, fn in variants.items():
             fns[("fwd", variant)], fns[("fwdbwd", variant)] = attention_steps(fn, qkv, device)
         times = time_ms(fns, device, repeats)
+        group = []
         for variant in variants:
-            rows.append(
+            group.append(
                 dict(
                     shape=f"{shape.name} {shape.batch}x{shape.heads}x{shape.n}x{HEAD_DIM}",
                     variant=variant,
@@ -279,7 +359,9 @@ def bench_application(size: str, device: torch.device, blocks: Sequence[int], re
                     fwdbwd_ms=times[("fwdbwd", variant)],
                 )
             )
-    add_ratios(rows, lambda r: r["shape"], lambda r: r["variant"].startswith("rope"))
+        add_ratios(group, lambda r: None, lambda r: r["variant"].startswith("rope"))
+        emit(group)
+        rows += group
     return rows
 
 
@@ -297,10 +379,16 @@ APPLY_COLUMNS = [
 # ----------------------------------------------------------------------------- entry point
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = bench_parser("python -m bench.ops", __doc__.split("\n")[0], SIZES, "repeats per row")
+    parser.set_defaults(repeats=3)  # the tiny default run stays well under a minute on 2 cores
     parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="exponential block sizes")
-    parser.add_argument("--apply-blocks", type=int, nargs="+", default=[2, 8, 64], help="2 = pairs")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"], help="exponential input dtypes (bf16: upcast)"
+    )
+    parser.add_argument(
+        "--apply-blocks", type=int, nargs="+", default=[2, 8, 64], help="application block sizes (2 = pairs)"
+    )
     tables = ["exponential", "application"]
-    parser.add_argument("--tables", nargs="+", choices=tables, default=tables)
+    parser.add_argument("--tables", nargs="+", choices=tables, default=tables, help="which tables to run")
     return parser.parse_args(argv)
 
 
@@ -310,15 +398,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = torch.device(args.device)
     size = args.size or default_size(device)
     results: dict = dict(device=describe(device), size=size)
-    print(f"# liere op benchmark: {results['device']}, size {size}\n")
+    print(f"# liere op benchmark: {results['device']}, size {size}\n", flush=True)
     if "exponential" in args.tables:
-        results["exponential"] = bench_exponential(size, device, args.blocks, args.repeats)
-        print("## exponential (baseline: torch.linalg.matrix_exp fp32)\n")
-        print(markdown_table(results["exponential"], EXP_COLUMNS) + "\n")
+        print("## exponential (baseline: torch.linalg.matrix_exp fp32; products: b x b matrix products per rotation)\n")
+        results["exponential"] = bench_exponential(
+            size, device, args.blocks, args.repeats, RowPrinter(EXP_COLUMNS), args.dtypes
+        )
+        print()
     if "application" in args.tables:
-        results["application"] = bench_application(size, device, args.apply_blocks, args.repeats)
         print("## application (baseline: eager RoPE)\n")
-        print(markdown_table(results["application"], APPLY_COLUMNS) + "\n")
+        results["application"] = bench_application(
+            size, device, args.apply_blocks, args.repeats, RowPrinter(APPLY_COLUMNS)
+        )
+        print()
     write_json(results, args.json)
     return results
 

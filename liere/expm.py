@@ -9,15 +9,20 @@ fp64):
 
 - ``"exact"``: ``torch.linalg.matrix_exp`` (degree-18 Taylor, scaling and squaring). In fp32 it drifts
   off the orthogonal group at large norms (~1e-4 at norm 1e3); in bf16 natively it returns NaN.
-- ``"closed"``: closed forms, ``b = 2`` (cos/sin of the angle ``A[..., 1, 0]``) and ``b = 3`` (Rodrigues).
-- ``"taylor_cans"``: per-matrix scaling ``A / 2^s`` with ``s`` from a spectral-norm bound, Taylor
-  polynomial (Paterson-Stockmeyer), ``s`` squarings, then one or two CANS polishing steps
-  (Chebyshev-accelerated Newton-Schulz, arXiv 2506.10935) that pull the result back onto the orthogonal
-  group, so it stays orthogonal to working precision at norms of 1e3 and more. Eagerly it reads
-  ``min s, max s`` and a finiteness flag back to the host in one device sync; under ``torch.compile`` it
-  reads nothing back (no graph break) and does ``COMPILED_SQUARINGS`` masked squarings instead, which
-  gives the eager result for spectral norms up to ``~1.6 * 2^COMPILED_SQUARINGS`` (about 1e5).
-- ``"auto"``: ``"closed"`` for ``b <= 3``, else ``"taylor_cans"``.
+- ``"closed"``: closed forms, ``b = 2`` (cos/sin of the angle ``A[..., 1, 0]``), ``b = 3`` (Rodrigues) and
+  ``b = 4`` (two commuting isoclinic rotations, one product).
+- ``"taylor_cans"``: per-matrix scaling ``A / 2^s`` with ``s`` from a spectral-norm bound (taken on ``A``
+  prescaled by a power of two, so it cannot overflow at any finite norm), degree-12 Taylor polynomial
+  (Paterson-Stockmeyer), ``s`` squarings, and CANS polishing steps (Chebyshev-accelerated Newton-Schulz,
+  arXiv 2506.10935) after every ``_POLISH_EVERY`` squarings and at the end, which pull the result back onto
+  the orthogonal group, so it stays orthogonal to working precision at any norm. The backward goes straight
+  through the polish. Products per matrix: 5, plus ``s``, plus 2 per polish step (backward: 2 per
+  non-polish product). Eagerly it reads ``min s, max s`` and a finiteness flag back to the host in one
+  device sync; under ``torch.compile`` it reads nothing back (no graph break) and does
+  ``COMPILED_SQUARINGS`` masked squarings instead, enough for spectral norms up to
+  ``~1.6 * 2^COMPILED_SQUARINGS`` (about 1e5); beyond that (or for non-finite input) the compiled call
+  raises ``RuntimeError`` asynchronously: raise ``liere.expm.COMPILED_SQUARINGS`` before compiling.
+- ``"auto"``: ``"closed"`` for ``b <= 4``, else ``"taylor_cans"``.
 
 Eager calls raise ``ValueError`` on non-finite ``A`` (``taylor_cans`` folds that check into its one sync,
 the other methods spend a sync on it); compiled calls skip the check.
@@ -33,9 +38,12 @@ from torch import Tensor
 METHODS = ("auto", "exact", "closed", "taylor_cans")
 
 # Taylor degree per working dtype. For skew (normal) X with spectral norm r the truncation error is
-# ~ r^(m+1) / (m+1)!, so X is scaled until r <= theta with r^(m+1) / (m+1)! = unit roundoff.
+# ~ r^(m+1) / (m+1)!, so X is scaled until r <= theta with r^(m+1) / (m+1)! = unit roundoff. (Bader-Blanes-Casas
+# evaluation schemes, as in torch.linalg.matrix_exp, need fewer products per degree but cancel large coefficients,
+# which costs ~10x in fp32 relative error after the squarings.)
 _DEGREE = {torch.float32: 12, torch.float64: 20}
 COMPILED_SQUARINGS = 16
+_POLISH_EVERY = 8  # squarings between CANS steps: 2^8 unit stays far below the step's reach
 
 
 def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
@@ -48,9 +56,9 @@ def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
         raise ValueError(f"A must have shape (..., b, b) with b >= 2, got {tuple(A.shape)}")
     b = A.shape[-1]
     if method == "auto":
-        method = "closed" if b <= 3 else "taylor_cans"
-    if method == "closed" and b > 3:
-        raise ValueError(f"method='closed' needs b = 2 or 3, got b = {b}")
+        method = "closed" if b <= 4 else "taylor_cans"
+    if method == "closed" and b > 4:
+        raise ValueError(f"method='closed' needs b = 2, 3 or 4, got b = {b}")
     if method != "taylor_cans" and not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
         raise ValueError("A has non-finite entries")
     work = torch.float64 if A.dtype == torch.float64 else torch.float32
@@ -61,7 +69,7 @@ def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
         elif method == "exact":
             R = torch.linalg.matrix_exp(X.contiguous())  # its batched path views the input
         elif method == "closed":
-            R = _rot2(X) if b == 2 else _rodrigues(X)
+            R = (_rot2, _rodrigues, _isoclinic)[b - 2](X)
         else:
             R = _taylor_cans(X)
     return R.to(A.dtype)
@@ -116,13 +124,49 @@ def _rot2(X: Tensor) -> Tensor:
 def _rodrigues(X: Tensor) -> Tensor:
     """``I + sin(t)/t X + (1 - cos t)/t^2 X^2`` with ``t^2 = |X|_F^2 / 2``; Taylor series for small ``t``."""
     t2 = (X * X).sum((-2, -1)) / 2
-    small = t2 < 1e-3
-    t = torch.where(small, torch.ones_like(t2), t2).sqrt()  # safe sqrt: finite gradients at t = 0
-    sinc = torch.where(small, 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42)), torch.sin(t) / t)
-    half_t2 = 1 - t2 / 12 * (1 - t2 / 30 * (1 - t2 / 56))
-    half = torch.where(small, half_t2 / 2, 2 * (torch.sin(t / 2) / t) ** 2)
+    _, sinc = _cos_sinc(t2)
+    half = _cos_sinc(t2 / 4)[1] ** 2 / 2  # (1 - cos t) / t^2 = sinc(t/2)^2 / 2
     eye = torch.eye(3, dtype=X.dtype, device=X.device)
     return eye + sinc[..., None, None] * X + half[..., None, None] * (X @ X)
+
+
+def _isoclinic(X: Tensor) -> Tensor:
+    """``exp`` on so(4): ``X = X+ + X-`` with ``X+-`` its (anti-)self-dual parts, ``(X+-)^2 = -a+-^2 I``.
+
+    ``X+`` and ``X-`` commute, so ``exp(X) = exp(X+) exp(X-)``, and each factor is an isoclinic rotation
+    ``cos(a) I + sin(a)/a X+-`` with ``a^2 = |X+-|_F^2 / 4``.
+    """
+    dual = X.flatten(-2)[..., _HODGE_INDEX.to(X.device)].unflatten(-1, (4, 4))
+    parts = [(X + dual) / 2, (X - dual) / 2]
+    (c1, s1), (c2, s2) = (_cos_sinc((p * p).sum((-2, -1)) / 4) for p in parts)
+    (c1, s1, c2, s2) = (v[..., None, None] for v in (c1, s1, c2, s2))
+    eye = torch.eye(4, dtype=X.dtype, device=X.device)
+    return c1 * c2 * eye + (c2 * s1) * parts[0] + (c1 * s2) * parts[1] + (s1 * s2) * (parts[0] @ parts[1])
+
+
+def _hodge_index() -> Tensor:
+    """Flat gather index of the Hodge dual on 4x4 skew matrices: ``(*X)_ij = X_kl`` with ``ijkl`` an even
+    permutation (the diagonal maps to itself: zero for skew ``X``)."""
+    index = torch.arange(16)
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                k, l = (x for x in range(4) if x not in (i, j))
+                inversions = sum(a > b for n, a in enumerate((i, j, k, l)) for b in (i, j, k, l)[n + 1 :])
+                index[4 * i + j] = 4 * k + l if inversions % 2 == 0 else 4 * l + k
+    return index
+
+
+_HODGE_INDEX = _hodge_index()
+
+
+def _cos_sinc(t2: Tensor) -> tuple[Tensor, Tensor]:
+    """``cos t`` and ``sin(t) / t`` from ``t^2``, with Taylor series for small ``t`` (finite gradients at 0)."""
+    small = t2 < 1e-3
+    t = torch.where(small, torch.ones_like(t2), t2).sqrt()  # safe sqrt: finite gradients at t = 0
+    cos = torch.where(small, 1 - t2 / 2 * (1 - t2 / 12 * (1 - t2 / 30)), torch.cos(t))
+    sinc = torch.where(small, 1 - t2 / 6 * (1 - t2 / 20 * (1 - t2 / 42)), torch.sin(t) / t)
+    return cos, sinc
 
 
 def _taylor_cans(X: Tensor) -> Tensor:
@@ -132,15 +176,18 @@ def _taylor_cans(X: Tensor) -> Tensor:
     unit = torch.finfo(X.dtype).eps / 2
     theta = (unit * math.factorial(m + 1)) ** (1 / (m + 1))
     eye = torch.eye(b, dtype=X.dtype, device=X.device)
-    # powers of the unscaled X; for skew X, (|X^4|_F / sqrt 2)^(1/4) bounds the spectral norm (tightly)
-    P = [X, X @ X]
-    P += [P[1] @ X, P[1] @ P[1]]
+    # exact power-of-two prescaling Z = X / 2^k with entries <= 1, so that Z^4 cannot overflow
+    k = torch.ceil(torch.log2(X.detach().abs().amax((-2, -1)))).clamp(min=0)
+    Z = X * torch.exp2(-k)[:, None, None]
+    P = [Z, Z @ Z]
+    P += [P[1] @ Z, P[1] @ P[1]]
+    # for skew Z, (|Z^4|_F / sqrt 2)^(1/4) bounds the spectral norm (tightly); X / 2^s has norm <= theta
     radius = (torch.linalg.matrix_norm(P[3].detach()) / math.sqrt(2)) ** 0.25
-    s = torch.ceil(torch.log2(radius / theta)).clamp(min=0)
+    s = (k + torch.ceil(torch.log2(radius / theta))).clamp(min=0)
     s_min, s_max = _squaring_range(s)
     s = s.clamp(max=s_max)  # a no-op unless compiled
-    # scaling by powers of two is exact: P[k] * 2^(-(k+1) s) are the powers of X / 2^s
-    P = [p * torch.exp2(-(k + 1) * s)[:, None, None] for k, p in enumerate(P)]
+    # P[j] * 2^((j + 1) (k - s)) are the powers of X / 2^s = Z * 2^(k - s) (scaling by powers of two is exact)
+    P = [p * torch.exp2((j + 1) * (k - s))[:, None, None] for j, p in enumerate(P)]
     # Paterson-Stockmeyer: sum_k X^k / k! = B_0 + X^4 (B_1 + X^4 (B_2 + ...)), B_j of degree < 4
     coef = [1 / math.factorial(k) for k in range(m + 1)]
     blocks = [
@@ -153,27 +200,42 @@ def _taylor_cans(X: Tensor) -> Tensor:
     R = blocks.pop()
     while blocks:
         R = torch.baddbmm(blocks.pop(), P[3], R)
+    # each squaring doubles the distance to the orthogonal group (~2^s unit after s of them): a CANS step
+    # after every POLISH_EVERY squarings squares it back to ~unit, and one more ends the chain. The polish
+    # moves R along the normal of the group, and R's derivative lies along the group, so the backward
+    # skips it (straight through: gradient identity; the error is of the order of the distance polished away)
     for i in range(s_max):
         R = R @ R if i < s_min else torch.where((s > i)[:, None, None], R @ R, R)
-    # each squaring roughly doubles the distance to the orthogonal group, |R^T R - I| ~ 2^s unit;
-    # one polishing step squares it, a second one is needed only when 2^s > unit^(-1/2)
-    steps = 0 if s_max == 0 else 1 if 2.0**s_max * math.sqrt(unit) <= 1 else 2
-    for _ in range(steps):
-        R = _cans_step(R, eye)
+        if (i + 1) % _POLISH_EVERY == 0 and i + 1 < s_max:
+            R = _polish_straight_through(R, eye)
+    if s_max:  # unsquared Taylor sums are orthogonal to working precision already
+        R = _polish_straight_through(R, eye)
     return R.reshape(shape)
 
 
 def _squaring_range(s: Tensor) -> tuple[int, int]:
     """``(min s, max s)`` read back in the one host sync, which also rejects non-finite input (NaN/inf ``s``).
 
-    Under ``torch.compile`` nothing is read back: ``(0, COMPILED_SQUARINGS)``, every squaring masked per matrix.
+    Under ``torch.compile`` nothing is read back: ``(0, COMPILED_SQUARINGS)``, every squaring masked per matrix,
+    and an asynchronous check raises when a matrix needs more squarings than that.
     """
     if torch.compiler.is_compiling():
+        torch._assert_async(
+            s.amax() <= COMPILED_SQUARINGS,
+            "skew_expm under torch.compile: a matrix needs more than liere.expm.COMPILED_SQUARINGS squarings "
+            "(spectral norm above ~1.6 * 2^COMPILED_SQUARINGS, or non-finite entries); raise it before compiling",
+        )
         return 0, COMPILED_SQUARINGS
     s_min, s_max = torch.stack(s.aminmax()).tolist()
     if not math.isfinite(s_max):
-        raise ValueError("A has non-finite entries (or entries so large that A^4 overflows)")
+        raise ValueError("A has non-finite entries")
     return int(s_min), int(s_max)
+
+
+def _polish_straight_through(R: Tensor, eye: Tensor) -> Tensor:
+    """One CANS step in the forward, the identity in the backward (``R`` must be near the orthogonal group)."""
+    R0 = R.detach()
+    return R + (_cans_step(R0, eye) - R0)
 
 
 def _cans_step(R: Tensor, eye: Tensor) -> Tensor:

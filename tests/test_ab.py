@@ -34,7 +34,7 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     mtime = summary_file.stat().st_mtime_ns
     again = ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out), "--resume"])
     assert summary_file.stat().st_mtime_ns == mtime
-    assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]
+    assert [r.test for r in again.runs] == [r["test"] for r in saved["runs"]]
 
 
 def test_unknown_encoding_fails_before_training(tmp_path):
@@ -50,9 +50,9 @@ def test_unit_suffix_trains_on_unit_coords(tmp_path):
     with pytest.raises(ValueError, match="@unit"):
         ab.split_encoding("liere8@half")
     results = ab.main([*ARGS, "--encodings", "liere8@unit", "--evaluate", "none", "--out", str(tmp_path / "ab")])
-    (run,) = results["runs"]
-    assert run["encoding"] == "liere8@unit" and run["config"]["encoding"] == "liere8"
-    assert run["model_spec"]["kwargs"]["unit_coords"] is True
+    (run,) = results.runs
+    assert run.encoding == "liere8@unit" and run.config["encoding"] == "liere8"
+    assert run.model_spec["kwargs"]["unit_coords"] is True
 
 
 def test_parse_seeds():

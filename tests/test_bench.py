@@ -21,6 +21,7 @@ def assert_times(rows: list[dict], keys: tuple[str, ...]) -> None:
 def test_op_bench_rows_and_json(tmp_path) -> None:
     path = tmp_path / "ops.json"
     argv = ["--device", "cpu", "--size", "tiny", "--blocks", "2", "8", "--apply-blocks", "2", "8", "--repeats", "1"]
+    argv += ["--dtypes", "fp32", "bf16"]
     results = op_bench.main([*argv, "--json", str(path)])
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
 
@@ -34,6 +35,9 @@ def test_op_bench_rows_and_json(tmp_path) -> None:
     assert {(r["stack"], r["block"], r["dtype"], r["method"]) for r in exp} == expected
     assert_times(exp, ("fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio"))
     for row in exp:
+        assert 0 <= row["fwd_products"] <= row["fwdbwd_products"], row
+        if row["method"] == "closed":
+            assert row["fwdbwd_products"] == 0  # b = 2: cos/sin, no products
         if row["method"] == "matrix_exp":
             assert row["fwd_ratio"] == row["fwdbwd_ratio"] == 1
         if row["dtype"] == "fp32" and row["method"] not in ("exact", "matrix_exp"):  # these drift at paper norms
@@ -84,3 +88,30 @@ def test_reference_rotations_apply_like_rotations() -> None:
     reference = model_bench.ReferenceRotations(8, blocks=blocks)
     torch.testing.assert_close(reference.apply(q), expected)
     torch.testing.assert_close(reference.with_prefix(1).apply(torch.cat([q[:, :, :1], q], 2))[:, :, 1:], expected)
+
+
+def test_product_counter_counts_every_product_forward_and_backward() -> None:
+    x = torch.randn(6, 8, 8)
+    # R = (x @ x) @ x: 2 products forward; backward: 2 per product
+    assert op_bench.products_per_rotation(lambda a: a @ a @ a, x, backward=False) == 2
+    assert op_bench.products_per_rotation(lambda a: a @ a @ a, x, backward=True) == 6
+    # baddbmm counts; a product of a 8 x 16 by a 16 x 8 matrix is two 8 x 8 products' flops
+    assert op_bench.products_per_rotation(lambda a: torch.baddbmm(a, a, a), x, backward=False) == 1
+    wide = torch.randn(6, 8, 16)
+    assert op_bench.products_per_rotation(lambda a: (a @ wide) @ wide.mT, x, backward=False) == 2 + 2
+    # skew_expm's Taylor + squaring + polish: 5 products at small norm, one more per squaring
+    A = torch.randn(10, 8, 8)
+    A = (A - A.mT) / 100
+    count = op_bench.products_per_rotation
+    assert count(lambda a: skew_expm(a, "taylor_cans"), A, backward=False) == 5
+    assert count(lambda a: skew_expm(a, "taylor_cans"), A, backward=True) == 15
+    # larger norm: s squarings and one CANS polish (2 products), which the backward goes straight through
+    fwd, total = (count(lambda a: skew_expm(a, "taylor_cans"), A * 2**12, backward=bwd) for bwd in (False, True))
+    assert fwd > 5 + 2 and total - fwd == 2 * (fwd - 2)
+
+
+def test_matrix_exp_products_follow_its_degree_choice() -> None:
+    eye = torch.eye(4)
+    A = torch.stack([0 * eye, 0.01 * eye, 0.3 * eye, 1.0 * eye, 3.0 * eye, 48.0 * eye])
+    # 1-norms 0, 0.01, 0.3, 1, 3, 48: Taylor degrees 1, 4, 8, 12, 18 (5 products), 18 + 4 squarings
+    assert op_bench.matrix_exp_products(A).tolist() == [0, 2, 3, 4, 5, 9]

@@ -65,18 +65,20 @@ def _config(**changes):
     return preset_config("smoke", "digits", **(base | changes))
 
 
-def test_corrupt_checkpoint_raises_and_keeps_files(runs, tmp_path):
+def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(runs / "crashed", run)
-    last = run / "last.pt"
+    last, prev = run / "last.pt", run / "prev.pt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    prev.write_bytes(b"not a checkpoint at all")
     before = {p.name: p.read_bytes() for p in run.glob("*.pt")}
-    with pytest.raises(CheckpointError, match=r"last\.pt.*(unreadable|corrupt).*prev\.pt"):
+    with pytest.raises(CheckpointError, match=r"last\.pt is unreadable.*prev\.pt is unreadable"):
         train(_config(), run, resume=True, quiet=True)
     assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
-    last.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"last\.pt"):
-        train(_config(), run, resume=True, quiet=True)
+    shutil.copy(runs / "crashed" / "prev.pt", prev)  # a good prev.pt: the run falls back to it, saying so
+    summary = train(_config(), run, resume=True, quiet=True)
+    assert "moved it to last.pt.corrupt, resuming from" in capsys.readouterr().err
+    assert summary.state_sha256 == _summary(runs / "full")["state_sha256"]
 
 
 def test_mismatched_config_raises(runs, tmp_path):

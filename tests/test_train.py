@@ -25,9 +25,9 @@ def test_image_loss_falls_and_log_written(tmp_path):
     assert losses[-1] < losses[0] - 0.2
     assert [r["step"] for r in records if "val_accuracy" in r] == [50, 100]
     assert {"step", "loss", "lr", "images_per_s"} <= records[0].keys()
-    assert summary["test"]["accuracy"] > 0.2  # chance is 0.1
-    assert summary["params"] == sum(p.numel() for p in torch.load(tmp_path / "last.pt")["model"].values())
-    assert summary["step_time_ms"] > 0 and summary["peak_memory_kind"] == "cpu_rss"
+    assert summary.test["accuracy"] > 0.2  # chance is 0.1
+    assert summary.params == sum(p.numel() for p in torch.load(tmp_path / "last.pt")["model"].values())
+    assert summary.step_time_ms > 0 and summary.peak_memory_kind == "cpu_rss"
 
 
 def test_lm_loss_falls(tmp_path):
@@ -35,7 +35,7 @@ def test_lm_loss_falls(tmp_path):
     summary = train(config, tmp_path, quiet=True)
     losses = _losses(tmp_path)
     assert losses[-1] < losses[0] - 0.5
-    assert summary["metric"] == "bpc" and summary["val"]["bpc"] == pytest.approx(summary["val"]["loss"] / math.log(2))
+    assert summary.metric == "bpc" and summary.val["bpc"] == pytest.approx(summary.val["loss"] / math.log(2))
     assert "tokens_per_s" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
 
 
@@ -76,3 +76,17 @@ def test_bad_config_names_the_argument():
         RunConfig(batch_size=0)
     with pytest.raises(ValueError, match="preset"):
         preset_config("huge", "arrow")
+
+
+def test_step_hooks_add_per_step_metrics(tmp_path):
+    config = preset_config("smoke", "digits", encoding="liere8", steps=6, eval_every=6)
+    seen = []
+
+    def hook(step, model):
+        seen.append(step)
+        return {"generator_norm": model.encoding.skew_generators().detach().norm().item()}
+
+    train(config, tmp_path, quiet=True, hooks=[hook])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [1, 2, 3, 4, 5, 6] and [r["step"] for r in records] == seen  # one record per step
+    assert all(r["generator_norm"] > 0 for r in records) and "loss" in records[4]

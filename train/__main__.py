@@ -10,12 +10,16 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from train import cli
 from train.loop import train
 from train.presets import PRESETS, preset_config
+from train.summaries import RunSummary
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--task", default="arrow", help="dataset name as in train.data.load_dataset (default: arrow)")
     p.add_argument(
         "--encoding", default="liere8", help="liere factory spec, e.g. rope-mixed, liere64 (default: liere8)"
@@ -31,24 +35,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, help="override: checkpoint every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    cli.add_run_options(p)
     p.add_argument("--die-at-step", type=int, help=argparse.SUPPRESS)  # debugging: SIGKILL after this step
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> RunSummary:
     """Parse ``argv``, train, print the summary's metrics and return the summary."""
     args = parser().parse_args(argv)
     config = preset_config(
-        args.preset, args.task, encoding=args.encoding, seed=args.seed, device=args.device, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+        args.preset,
+        args.task,
+        encoding=args.encoding,
+        seed=args.seed,
+        device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        ckpt_every=args.ckpt_every,
         compile=args.compile or None,
-    )  # fmt: skip
-    summary = train(config, args.out, resume=args.resume, quiet=args.quiet, die_at_step=args.die_at_step)
+    )
+    cli.set_threads(args)
+    summary = train(config, args.out, resume=args.resume, die_at_step=args.die_at_step, **cli.train_options(args))
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
-    print(json.dumps({k: summary[k] for k in keys}))
+    print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

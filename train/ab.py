@@ -17,7 +17,7 @@ log plus the model spec that rebuilds it: ``train.checkpoint.load_model(folder /
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import re
 import sys
 import time
@@ -28,10 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpoint, evaluate, plots, report
-from train.loop import init_distributed, resolve_device, run_guard, train
+from train import checkpoint, cli, evaluate, machine, plots, report
+from train import run_dir as layout
+from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
+from train.summaries import AbResults, AbRun, RunSummary
 from train.tasks import Task, load_task, with_encoding
+
+MAX_SEEDS = 1000
 
 IMAGE_ENCODINGS = "none,abs,axial-rope,rope-mixed,liere8,liere64"
 TEXT_ENCODINGS = "rope,rope-mixed,liere8,liere64"
@@ -42,13 +46,20 @@ TASKS = (
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; ``"0-4"`` -> [0, ..., 4] (a count of seeds); ``"7"`` -> [7]."""
-    seeds: list[int] = []
+    """``"0,1,2"`` -> [0, 1, 2]; ``"0-4"`` -> [0, ..., 4] (a count of seeds); ``"7"`` -> [7]. At most ``MAX_SEEDS``."""
+    spans: list[tuple[int, int]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         if not re.fullmatch(r"\d+(-\d+)?", part):
             raise ValueError(f"--seeds: expected non-negative ints or ranges like '0,1,2' or '0-2', got {text!r}")
         lo, _, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi or lo) + 1))
+        spans.append((int(lo), int(hi or lo)))
+    if any(lo > hi for lo, hi in spans):
+        raise ValueError(f"--seeds: a range must go upwards (like '0-2'), got {text!r}")
+    if (count := sum(hi - lo + 1 for lo, hi in spans)) > MAX_SEEDS:
+        raise ValueError(f"--seeds: {text!r} asks for {count} seeds; at most {MAX_SEEDS} (each seed is a full run)")
+    if max((hi for _, hi in spans), default=0) >= 2**31:
+        raise ValueError(f"--seeds: seeds must be below 2**31, got {text!r}")
+    seeds = [s for lo, hi in spans for s in range(lo, hi + 1)]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: give at least one seed and no duplicates, got {text!r}")
     return seeds
@@ -62,6 +73,12 @@ def split_encoding(text: str) -> tuple[str, dict[str, Any]]:
     if at and suffix != "unit":
         raise ValueError(f"--encodings: the only suffix is '@unit' ([0, 1] patch coordinates), got {text!r}")
     return spec, {"unit_coords": True} if at else {}
+
+
+def _config(base: RunConfig, encoding: str, seed: int, fraction: float) -> RunConfig:
+    spec, model_options = split_encoding(encoding)
+    changes = {"encoding": spec, "seed": seed, "train_fraction": fraction}
+    return RunConfig(**(base.to_dict() | changes | {"model_options": base.model_options | model_options}))
 
 
 def run_name(encoding: str, seed: int, fraction: float = 1.0) -> str:
@@ -121,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
         "nested subsets, the same for every encoding); the main table uses the largest (default: 1.0)",
     )
     p.add_argument("--reference", help="encoding the paired tests compare against (default: the best by mean)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    cli.add_run_options(p)
     return p
 
 
@@ -155,25 +173,52 @@ def check_encodings(task: Task, configs: Sequence[RunConfig]) -> None:
             raise ValueError(f"--encodings: {config.encoding!r} does not work for task {config.task!r}: {err}") from err
 
 
-def _config(base: RunConfig, encoding: str, seed: int, fraction: float) -> RunConfig:
-    spec, model_options = split_encoding(encoding)
-    changes = {"encoding": spec, "seed": seed, "train_fraction": fraction}
-    return RunConfig(**(base.to_dict() | changes | {"model_options": base.model_options | model_options}))
+def check_out_folder(out: Path, resume: bool) -> None:
+    """Refuse, before any data is loaded, a fresh A/B run into a folder that holds one."""
+    if resume or not out.is_dir():
+        return
+    if (out / layout.RESULTS_JSON).exists() or any(layout.has_run(d) for d in out.iterdir() if d.is_dir()):
+        raise layout.RunExistsError(f"{out} already holds an A/B run; pass --resume to continue it, or another --out")
 
 
-def _finished(run_dir: Path, config_hash: str) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary is not None and summary["config_hash"] == config_hash else None
+def _finished(run_dir: Path, config_hash: str) -> RunSummary | None:
+    """The summary of a run finished earlier (or diverged) under the same config, else None."""
+    path = run_dir / layout.SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        summary = RunSummary.load(path)
+    except layout.RunFolderError as err:
+        layout.warn(f"{err}; the run is continued from its checkpoint to rebuild it")
+        return None
+    return summary if summary.config_hash == config_hash else None
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _train_or_reuse(
+    config: RunConfig, run_dir: Path, task: Task, args: argparse.Namespace, world: int
+) -> tuple[RunSummary, bool]:
+    """``(summary, reused)``: a finished run's summary under ``--resume``, else train it (a diverged run gives
+    its diverged summary)."""
+    done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
+    if done is not None:
+        return done, True
+    try:
+        return train(config, run_dir, task=task, resume=args.resume, **cli.train_options(args)), False
+    except Diverged as err:
+        print(f"[ab] {config.encoding} seed {config.seed}: {err}", file=sys.stderr, flush=True)
+        return err.summary, False
+
+
+def main(argv: Sequence[str] | None = None) -> AbResults:
     """Run the A/B comparison described by ``argv`` (see ``--help``); return the results.json content."""
     args = parser().parse_args(argv)
     wall_start = time.perf_counter()
     seeds = parse_seeds(args.seeds)
-    encodings = [e.strip() for e in (args.encodings or (TEXT_ENCODINGS if is_text(args.task) else IMAGE_ENCODINGS))
-                 .split(",") if e.strip()]  # fmt: skip
+    encodings = [
+        e.strip()
+        for e in (args.encodings or (TEXT_ENCODINGS if is_text(args.task) else IMAGE_ENCODINGS)).split(",")
+        if e.strip()
+    ]
     names = [run_name(e, 0) for e in encodings]
     if not encodings or len(set(names)) != len(names):
         raise ValueError(f"--encodings: give distinct specs (folder names must differ), got {args.encodings!r}")
@@ -185,65 +230,125 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--data-fractions: fractions must be in (0, 1], got {args.data_fractions!r}")
     if args.reference is not None and args.reference not in encodings:
         raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
-    base = preset_config(args.preset, args.task, encoding=split_encoding(encodings[0])[0], device=args.device,
-                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, compile=args.compile or None,
-                         eval_samples=args.eval_samples)  # fmt: skip
-    rank, world = init_distributed(resolve_device(args.device))
+    base = preset_config(
+        args.preset,
+        args.task,
+        encoding=split_encoding(encodings[0])[0],
+        device=args.device,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        compile=args.compile or None,
+        eval_samples=args.eval_samples,
+    )
+    cli.set_threads(args)
+    rank, world = init_distributed(resolve_device(args.device), args.ddp_timeout)
     out = Path(_shared(str(_run_folder(args))))
+    if rank == 0:
+        check_out_folder(out, args.resume)
+    with layout.RunLock(out) if rank == 0 else contextlib.nullcontext():
+        try:
+            results = _run_all(
+                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world
+            )
+        except (KeyboardInterrupt, RuntimeError, OSError):  # not for usage errors (ValueError)
+            if rank == 0:
+                print(
+                    f"\n[ab] stopped before the end; finished runs are kept in {out}. Continue with the same "
+                    f"command plus: --out {out} --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
+    results.wall_time_s += time.perf_counter() - wall_start
+    if rank == 0:
+        rows = report.summarize(results, out, args.reference)
+        results.summary = [row.to_dict() for row in rows]
+        results.table = report.main_table(rows, results.metric, results.runs[0].peak_memory_kind)
+        _write(out, results, args.reference)
+    return results
+
+
+def _run_all(
+    args: argparse.Namespace,
+    base: RunConfig,
+    out: Path,
+    encodings: list[str],
+    seeds: list[int],
+    fractions: list[float],
+    evaluation: tuple,
+    rank: int,
+    world: int,
+) -> AbResults:
+    """Train (or reuse, under --resume) every run and evaluate the main-fraction ones."""
     configs = {(e, s, f): _config(base, e, s, f) for f in fractions for e in encodings for s in seeds}
     task = load_task(base)
     check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:
         print(f"data: {task.source}\nrun folder: {out}", flush=True)
-
-    runs = []
-    for (encoding, seed, fraction), config in configs.items():
-        run_dir = out / run_name(encoding, seed, fraction)
-        run_task = with_encoding(task, config)
-        done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
-        summary = done or train(config, run_dir, task=run_task, resume=args.resume, quiet=args.quiet)
-        runs.append({  # relative paths (summary.json's checkpoint path is the one it was trained under)
-            **summary, "encoding": encoding, "seed": seed, "fraction": fraction, "run_dir": run_dir.name,
-            "checkpoint": f"{run_dir.name}/last.pt", "metrics_log": f"{run_dir.name}/metrics.jsonl",
-        })  # fmt: skip
+    runs, earlier, trained, started = [], 0.0, 0, time.perf_counter()
+    for index, ((encoding, seed, fraction), config) in enumerate(configs.items(), start=1):
+        run_dir, run_task = out / run_name(encoding, seed, fraction), with_encoding(task, config)
+        tick = time.perf_counter()
+        summary, reused = _train_or_reuse(config, run_dir, run_task, args, world)
+        earlier += max(0.0, summary.wall_time_s - (time.perf_counter() - tick))  # time spent by earlier processes
+        paths = {"checkpoint": f"{run_dir.name}/{layout.LAST}", "metrics_log": f"{run_dir.name}/{layout.METRICS}"}
+        runs.append(
+            AbRun(**(summary.to_dict() | paths), encoding=encoding, seed=seed, fraction=fraction, run_dir=run_dir.name)
+        )  # paths relative to the A/B folder, which may move
+        trained += not reused
         if rank != 0:
             continue
-        metric = summary["test"][summary["metric"]]
-        print(f"[ab] {encoding} seed {seed} fraction {fraction:g}: test {summary['metric']} {metric:.4f}", flush=True)
-        fresh = done is None or not (run_dir / report.EVALUATION_FILE).is_file()
-        if fraction == fractions[-1] and fresh:
-            model = checkpoint.load_model(run_dir / checkpoint.LAST)
-            evaluate.evaluate_run(model, run_task, run_dir, evaluations, factors, multiples, summary["device"])
+        value = summary.test_value
+        shown = "diverged" if value is None else f"test {summary.metric} {value:.4f}"
+        print(f"[ab] {index}/{len(configs)} {encoding} seed {seed} fraction {fraction:g}: {shown}", flush=True)
+        fresh = not reused or not (run_dir / layout.EVALUATION).is_file()
+        if fraction == fractions[-1] and fresh and value is not None:
+            model = checkpoint.load_model(run_dir / layout.LAST)
+            evaluate.evaluate_run(model, run_task, run_dir, *evaluation, device=summary.device)
+        if index < len(configs) and not reused:
+            pace = (time.perf_counter() - started) / trained
+            left = len(configs) - index
+            print(
+                f"[ab] about {format_duration(pace * left)} left for {left} more run(s) at the pace so far "
+                "(larger encodings take longer)",
+                flush=True,
+            )
+    first = runs[0]
+    return AbResults(
+        task=args.task,
+        preset=args.preset,
+        encodings=encodings,
+        seeds=seeds,
+        fractions=fractions,
+        evaluations=evaluation[0],
+        metric=first.metric,
+        higher_is_better=first.higher_is_better,
+        data_source=task.source,
+        device=first.device,
+        world_size=first.world_size,
+        torch_version=torch.__version__,
+        base_config=base.to_dict(),
+        runs=runs,
+        wall_time_s=earlier,
+        threads=torch.get_num_threads(),
+        cpu=machine.cpu_model(),
+    )
 
-    metric = runs[0]["metric"]
-    results = {
-        "task": args.task, "preset": args.preset, "encodings": encodings, "seeds": seeds, "fractions": fractions,
-        "evaluations": evaluations, "metric": metric,
-        "higher_is_better": runs[0]["higher_is_better"], "data_source": task.source, "device": runs[0]["device"],
-        "world_size": runs[0]["world_size"], "torch_version": torch.__version__, "base_config": base.to_dict(),
-        "runs": runs, "wall_time_s": time.perf_counter() - wall_start,
-    }  # fmt: skip
-    if rank == 0:
-        rows = report.summarize(results, out, args.reference)
-        results |= {"summary": rows, "table": report.main_table(rows, metric, runs[0]["peak_memory_kind"])}
-        _write(out, results, args.reference)
-    return results
 
-
-def _write(out: Path, results: dict[str, Any], reference: str | None) -> None:
+def _write(out: Path, results: AbResults, reference: str | None) -> None:
     """results.json, results.md, report.md and the plots; prints the table and the wall time."""
-    metric = results["metric"]
-    paths = [{**r, "metrics_log": out / r["metrics_log"]} for r in report.main_runs(results)]
-    plots.learning_curves(paths, metric, out / "curves.png", report.chance_level(results))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results["table"] + "\n")
+    paths = [{"encoding": r.encoding, "metrics_log": out / r.metrics_log} for r in results.main_runs()]
+    plots.learning_curves(paths, results.metric, out / layout.CURVES, report.chance_level(results))
+    layout.write_json(out / layout.RESULTS_JSON, results.to_dict())
+    layout.write_text(out / layout.RESULTS_MD, results.table + "\n")
     report.write_report(out, reference)
-    print(f"\n{results['table']}\n\ndata: {results['data_source']}\ndevice: {results['device']}, "
-          f"wall time {results['wall_time_s']:.0f} s\nwritten to {out}", flush=True)  # fmt: skip
+    print(
+        f"\n{results.table}\n\ndata: {results.data_source}\ndevice: {results.device}, "
+        f"wall time {results.wall_time_s:.0f} s (all parts of the run)\nwritten to {out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    cli.run(main)

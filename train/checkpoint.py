@@ -3,7 +3,9 @@
 A run folder keeps ``last.pt`` and the one before it, ``prev.pt``. A new checkpoint is written to a temp
 file in the same folder, fsynced, and only then moved into place (``last.pt -> prev.pt``, temp ->
 ``last.pt``), so a crash at any moment leaves at least one complete checkpoint and a corrupt file is never
-written over a good one. ``load`` checks the format version and the config hash before anything is restored.
+written over a good one. Every checkpoint stores a SHA-256 checksum of its whole state; ``read`` checks the
+format version, the config hash and the checksum before anything is restored, and ``find_valid`` falls back
+from a corrupt ``last.pt`` to a verified ``prev.pt``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
-LAST, PREV = "last.pt", "prev.pt"
+from train.run_dir import LAST, PREV, tmp_path, warn
+
+FORMAT_VERSION = 2  # 2 adds "checksum"; version 1 checkpoints (no checksum) still load
+READABLE_VERSIONS = (1, 2)
 _REQUIRED = (
     "format_version",
     "config",
@@ -54,9 +59,14 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
-    }  # fmt: skip
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -70,17 +80,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
 
 
+def _digest(value: Any, sha: Any) -> None:
+    """Feed a checkpoint value (nested dicts, lists, tuples, tensors, numbers, strings) into ``sha``."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        sha.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        sha.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            sha.update(repr(key).encode())
+            _digest(value[key], sha)
+    elif isinstance(value, (list, tuple)):
+        sha.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest(item, sha)
+    else:
+        sha.update(repr(value).encode())
+
+
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 over every entry of a checkpoint except ``checksum`` itself (tensors by their exact bytes)."""
+    sha = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, sha)
+    return sha.hexdigest()
+
+
 def bundle(config: dict[str, Any], model_spec: dict[str, Any], **state: Any) -> dict[str, Any]:
-    """A checkpoint dict: ``state`` (step, model, optimizer, ...) plus format version, config, hash and RNG states."""
-    return dict(format_version=FORMAT_VERSION, config=config, config_hash=config_hash(config), rng=rng_state(),
-                model_spec=model_spec, **state)  # fmt: skip
+    """A checkpoint dict: ``state`` (step, model, optimizer, ...) plus format version, config, hash, RNG states and
+    the checksum of it all."""
+    full = dict(
+        format_version=FORMAT_VERSION,
+        config=config,
+        config_hash=config_hash(config),
+        rng=rng_state(),
+        model_spec=model_spec,
+        **state,
+    )
+    return full | {"checksum": checksum(full)}
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically; an existing ``path`` becomes ``prev.pt`` in the same folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -95,7 +139,10 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def find(run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``last.pt``, else ``prev.pt`` (a crash between the two renames), else None."""
+    """The newest checkpoint file present: ``last.pt``, else ``prev.pt`` (a crash between the renames), else None.
+
+    Presence only; ``find_valid`` also reads and verifies.
+    """
     for name in (LAST, PREV):
         if (Path(run_dir) / name).is_file():
             return Path(run_dir) / name
@@ -103,23 +150,56 @@ def find(run_dir: str | Path) -> Path | None:
 
 
 def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and structurally validate a checkpoint; raise ``CheckpointError`` naming the file otherwise."""
+    """Load and validate a checkpoint (structure, format, config hash, checksum); ``CheckpointError`` naming the
+    file otherwise."""
     path = Path(path)
-    hint = f" (the previous checkpoint {path.with_name(PREV)} is intact)" if path.name == LAST else ""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated/garbage files
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt){hint}: {err}") from err
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {err}") from err
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):
         missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
-        raise CheckpointError(f"checkpoint {path} is not a liere training checkpoint (missing {missing}){hint}")
-    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a liere training checkpoint (missing {missing})")
+    if state["format_version"] not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path} has format version {state['format_version']}, this code reads {FORMAT_VERSION}"
+            f"checkpoint {path} has format version {state['format_version']}, this code reads {READABLE_VERSIONS}"
         )
     if config_hash(state["config"]) != state["config_hash"]:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its config does not match its stored hash{hint}")
+        raise CheckpointError(f"checkpoint {path} is corrupt: its config does not match its stored hash")
+    if state["format_version"] >= 2 and state.get("checksum") != checksum(state):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match its stored checksum")
     return state
+
+
+def find_valid(
+    run_dir: str | Path, map_location: str | torch.device = "cpu", names: Iterable[str] = (LAST, PREV)
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``run_dir`` that reads and verifies, with its state; None if there is none.
+
+    A corrupt ``last.pt`` is renamed ``last.pt.corrupt`` (kept for inspection, never rotated over ``prev.pt``)
+    and the run falls back to ``prev.pt`` with a warning on stderr. If every present checkpoint is bad, raises
+    ``CheckpointError`` describing each.
+    """
+    run_dir, errors = Path(run_dir), []
+    for name in names:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            state = read(path, map_location)
+        except CheckpointError as err:
+            errors.append((path, err))
+            continue
+        for bad, err in errors:
+            kept = bad.with_name(bad.name + ".corrupt")
+            os.replace(bad, kept)
+            warn(f"{err}; moved it to {kept.name}, resuming from {path} (step {state['step']})")
+        return path, state
+    if errors:
+        detail = "; ".join(str(err) for _, err in errors)
+        others = " and ".join(p.name for p, _ in errors)
+        raise CheckpointError(f"no usable checkpoint in {run_dir} ({others} checked): {detail}")
+    return None
 
 
 def check_config(path: str | Path, state: dict[str, Any], config: dict[str, Any]) -> None:
@@ -128,8 +208,9 @@ def check_config(path: str | Path, state: dict[str, Any], config: dict[str, Any]
         return
     saved = state["config"]
     keys = sorted(saved.keys() | config.keys())
-    diffs = [f"{k}: {saved.get(k)!r} in checkpoint vs {config.get(k)!r} now" for k in keys
-             if saved.get(k) != config.get(k)]  # fmt: skip
+    diffs = [
+        f"{k}: {saved.get(k)!r} in checkpoint vs {config.get(k)!r} now" for k in keys if saved.get(k) != config.get(k)
+    ]
     raise CheckpointError(f"checkpoint {path} belongs to a different run; mismatched config: " + "; ".join(diffs))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from train import checkpoint, report
+from train import checkpoint, cli, report
+from train import run_dir as layout
 from train.data import load_dataset
 from train.loop import resolve_device
 from train.presets import RunConfig, is_text
+from train.summaries import AbResults, RunSummary
 from train.tasks import Task, _generator, autocast, load_task
 
 EVALUATIONS = ("shuffle", "extrapolate", "length")
@@ -249,26 +250,26 @@ def evaluate_run(
     run_dir, device = Path(run_dir), torch.device(device)
     model = model.to(device).eval()
     limit, config, result = task.config.eval_samples, task.config, {}
-    if is_text(config.task):
+    if not task.correct_per_example:
         if "length" in evaluations:
             context = task.model_spec["kwargs"]["context"]
             result["length"] = length_eval(model, task.splits.test, context, multiples, device, limit)
     else:
-        torch.save(correct_predictions(model, task.splits.test, device, limit), run_dir / report.CORRECT_FILE)
+        torch.save(correct_predictions(model, task.splits.test, device, limit), run_dir / layout.CORRECT)
         if "shuffle" in evaluations:
             result["shuffle"] = shuffle_eval(model, task.splits.test, device, limit)
         if "extrapolate" in evaluations:
             result["extrapolate"] = extrapolate_eval(model, task.splits.test, device, limit, factors)
             if config.task == "arrow":
                 result["extrapolate"] += arrow_canvas_eval(model, config, device, limit, factors)
-    (run_dir / report.EVALUATION_FILE).write_text(json.dumps(result, indent=2))
+    layout.write_json(run_dir / layout.EVALUATION, result)
     return result
 
 
 def run_config(run_dir: Path, state: dict[str, Any]) -> RunConfig:
     """The run's full config: ``summary.json``'s when present, else the checkpoint's (runtime fields defaulted)."""
-    summary = run_dir / "summary.json"
-    fields = json.loads(summary.read_text())["config"] if summary.is_file() else dict(state["config"])
+    summary = run_dir / layout.SUMMARY
+    fields = RunSummary.load(summary).config if summary.is_file() else dict(state["config"])
     fields.pop("world_size", None)
     return RunConfig(**fields)
 
@@ -277,12 +278,17 @@ def _checkpoints(path: Path) -> tuple[list[Path], Path | None]:
     """Checkpoints named by a CLI path (a checkpoint, a run folder or an A/B folder) and the A/B folder if any."""
     if path.is_file():
         return [path], None
-    if (path / "results.json").is_file():
-        results = json.loads((path / "results.json").read_text())
-        return [path / r["run_dir"] / checkpoint.LAST for r in report.main_runs(results)], path
+    if not path.exists():
+        raise layout.RunFolderError(f"{path} does not exist; pass an A/B folder, a run folder or a checkpoint file")
+    if (path / layout.RESULTS_JSON).is_file():
+        results = AbResults.load(path)
+        return [path / r.run_dir / layout.LAST for r in results.main_runs() if not r.diverged], path
     found = checkpoint.find(path)
     if found is None:
-        raise ValueError(f"path {path}: not a checkpoint, a run folder with last.pt or an A/B folder with results.json")
+        raise layout.RunFolderError(
+            f"{path} holds no {layout.LAST}, {layout.PREV} or {layout.RESULTS_JSON}: pass an A/B folder (train.ab), "
+            "a run folder (train) or a checkpoint file"
+        )
     return [found], None
 
 
@@ -300,6 +306,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, help="test examples (tokens for text); default: the run's eval_samples")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--reference", help="reference encoding of the rebuilt report (default: best by mean)")
+    cli.add_common_options(p)
     return p
 
 
@@ -331,7 +338,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, checkpoint.CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    cli.run(main)

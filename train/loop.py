@@ -1,14 +1,18 @@
 """The training loop shared by every task: AdamW, warmup + cosine schedule, checkpoints, resume and DDP.
 
-``train(config, run_dir)`` runs ``config.steps`` optimizer steps and leaves in ``run_dir``:
-``metrics.jsonl`` (one JSON object per log/eval step), ``last.pt``/``prev.pt`` checkpoints, ``summary.json``
-(final metrics, parameter count, step time, peak memory) and ``tb/`` when TensorBoard is installed.
-Under ``torchrun`` it trains with ``DistributedDataParallel``: rank ``r`` reads its share of each seeded
-global batch, metrics are all-reduced and only rank 0 writes files.
+``train(config, run_dir)`` runs ``config.steps`` optimizer steps and leaves in ``run_dir`` (layout:
+``train.run_dir``): ``metrics.jsonl`` (one JSON object per log/eval step), ``last.pt``/``prev.pt``
+checkpoints, ``summary.json`` (``train.summaries.RunSummary``) and ``tb/`` when TensorBoard is installed.
+It runs in three parts: ``restore`` (lock the folder, build model and optimizer, load a checkpoint),
+``train_step`` (one optimizer step, refusing non-finite losses and gradients) and ``finish`` (test metrics
+and the summary). Under ``torchrun`` it trains with ``DistributedDataParallel``: rank ``r`` reads its share
+of each seeded global batch, metrics are all-reduced and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -17,7 +21,8 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +33,36 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from train import checkpoint, inspect
+from train import run_dir as layout
 from train.presets import RunConfig
+from train.summaries import Divergence, RunSummary
 from train.tasks import Task, autocast, load_task
 
 TIMING_WARMUP = 5  # first steps of a process left out of the mean step time (allocation, compilation)
+PROGRESS_EVERY_S = 30.0  # progress line interval when stderr is not a terminal (no progress bar)
+DDP_TIMEOUT_S = 600.0  # default process-group timeout (torch's own default is 30 minutes)
+ON_NONFINITE = ("stop", "skip")
+
+StepHook = Callable[[int, nn.Module], Mapping[str, float] | None]
+"""``hook(step, model)`` runs on every process after each optimizer step; what it returns joins that step's
+``metrics.jsonl`` record (written by rank 0). It must not run collectives."""
 
 try:
     from torch.utils.tensorboard import SummaryWriter
 except ImportError:  # tensorboard is optional
     SummaryWriter = None
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient stopped the run; ``summary`` is the diverged run's summary."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__(Divergence(**summary.diverged).message())
+        self.summary = summary
+
+
+class RankTimeout(RuntimeError):
+    """A collective operation timed out (``--ddp-timeout``): a rank stopped answering."""
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -48,11 +74,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group (nccl on CUDA, gloo on CPU) when launched by it."""
+def init_distributed(device: torch.device, timeout_s: float = DDP_TIMEOUT_S) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the torchrun process group (nccl on CUDA, gloo on CPU) when launched by it.
+
+    ``timeout_s`` bounds every collective: a rank that stops answering fails the others after that long.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"--ddp-timeout: expected a positive number of seconds, got {timeout_s!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -61,6 +93,22 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def silent_ranks(rank: int, world: int, step: int, grace_s: float) -> list[int] | None:
+    """After a collective timed out: the ranks that do not check in through the rendezvous store within
+    ``grace_s`` seconds (live ranks time out too and check in). None if the store cannot be reached."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"liere/timeout/{rank}", str(step))
+        deadline, others = time.monotonic() + grace_s, [r for r in range(world) if r != rank]
+        while True:
+            silent = [r for r in others if not store.check([f"liere/timeout/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except Exception:  # the store itself may be gone with the stalled process
+        return None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -94,15 +142,15 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """JSONL metrics (and TensorBoard scalars when available); on resume drops records past the checkpoint."""
+    """JSONL metrics (and TensorBoard scalars when available); on resume drops records past the checkpoint
+    (and a torn last line, with a warning)."""
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
-        self.path, self.enabled, self.writer = run_dir / "metrics.jsonl", enabled, None
+        self.path, self.enabled, self.writer = run_dir / layout.METRICS, enabled, None
         if not enabled:
             return
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in layout.read_jsonl(self.path) if r.get("step", 0) <= start_step] if self.path.exists() else []
+        layout.write_text(self.path, "".join(json_line(r) for r in kept))
         if SummaryWriter is not None:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
@@ -111,7 +159,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -120,6 +168,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line."""
+    return json.dumps(record) + "\n"
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -150,6 +203,280 @@ def run_guard(config: RunConfig, world_size: int) -> dict[str, Any]:
     return config.trajectory() | {"world_size": world_size}
 
 
+def format_duration(seconds: float) -> str:
+    """``"4m05s"``, or ``"1h07m"`` from an hour up."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Progress of one run on rank 0: a tqdm bar on a terminal; otherwise one line every ``PROGRESS_EVERY_S``
+    seconds (step, loss, ms/step, ETA) and, after the first steps, an estimate of the time left."""
+
+    def __init__(self, config: RunConfig, start: int, enabled: bool) -> None:
+        self.name, self.total, self.start = f"{config.task} {config.encoding} s{config.seed}", config.steps, start
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name, dynamic_ncols=True
+        )
+        self.lines = enabled and not tty
+        self.t0 = self.last = time.perf_counter()
+        self.estimated, self.loss = False, float("nan")
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        self.bar.update(1)
+        self.loss = self.loss if loss is None else loss
+        if not self.lines:
+            return
+        now, done = time.perf_counter(), step - self.start
+        per_step = (now - self.t0) / done
+        eta = format_duration(per_step * (self.total - step))
+        if not self.estimated and done == 2 * TIMING_WARMUP and step < self.total:
+            self.estimated = True
+            print(
+                f"[train] {self.name}: {1000 * per_step:.0f} ms/step over the first {done} steps, "
+                f"about {eta} left for {self.total - step} steps (plus evaluations)",
+                flush=True,
+            )
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            print(
+                f"[train] {self.name}: step {step}/{self.total}, loss {self.loss:.4f}, "
+                f"{1000 * per_step:.0f} ms/step, ETA {eta}",
+                flush=True,
+            )
+
+    def postfix(self, **values: str) -> None:
+        self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Run:
+    """Everything ``train_step`` needs and updates: the model, its optimizer, counters and the log."""
+
+    config: RunConfig
+    task: Task
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    guard: dict[str, Any]
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    log: MetricsLog
+    step: int = 0  # optimizer steps done
+    loss: float = float("nan")  # the last step's (local) loss
+    val: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "steps": 0})
+    window: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("loss", "steps", "items", "seconds"), 0))
+    wall_before: float = 0.0  # wall time of earlier processes of this run, up to their last checkpoint
+    wall_start: float = field(default_factory=time.perf_counter)
+    skipped: int = 0
+    process_start: int = 0  # the step this process started from (its first steps are left out of the timing)
+    saved: tuple[str, int] | None = None  # the newest checkpoint of the run: (path, step)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
+
+    def save(self) -> None:
+        """Checkpoint (rank 0): everything ``restore`` needs to continue bitwise identically."""
+        path = self.run_dir / layout.LAST
+        if self.rank == 0:
+            state = dict(
+                step=self.step,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                timing=self.timing,
+                loss=self.loss,
+                val=self.val,
+                window=self.window,
+                wall_time_s=self.wall_time(),
+                skipped=self.skipped,
+            )
+            checkpoint.save(path, checkpoint.bundle(self.guard, self.task.model_spec, **state))
+        self.saved = (str(path), self.step)
+
+
+def check_folder(run_dir: Path, resume: bool) -> None:
+    """Refuse (before any data is loaded) to start a fresh run in a folder that holds one."""
+    if not resume and layout.has_run(run_dir):
+        found = next(n for n in (layout.LAST, layout.PREV, layout.SUMMARY, layout.METRICS) if (run_dir / n).exists())
+        raise layout.RunExistsError(
+            f"{run_dir} already holds a run ({found}); pass --resume to continue it, or choose another --out"
+        )
+
+
+def restore(
+    config: RunConfig, run_dir: Path, task: Task, resume: bool, device: torch.device, rank: int, world: int
+) -> Run:
+    """Build model, optimizer and schedule; with ``resume`` load the newest valid checkpoint of ``run_dir``."""
+    guard = run_guard(config, world)
+    torch.manual_seed(config.seed)
+    model = task.build_model().to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
+    )
+    found = checkpoint.find_valid(run_dir, map_location=device) if resume else None
+    saved: dict[str, Any] = {}
+    if found is not None:
+        path, state = found
+        checkpoint.check_config(path, state, guard)
+        checkpoint.load_state_dict(path, model, state["model"], "model")
+        checkpoint.load_state_dict(path, optimizer, state["optimizer"], "optimizer")
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        saved = dict(
+            step=state["step"],
+            timing=state["timing"],
+            loss=state["loss"],
+            val=state["val"],
+            saved=(str(path), state["step"]),
+        )
+        saved |= {k: state[k] for k in ("window", "skipped") if k in state}  # absent in format-1 checkpoints
+        saved["wall_before"] = state.get("wall_time_s", 0.0)
+        if rank == 0:
+            print(f"[train] resuming {run_dir} from step {state['step']} of {config.steps} ({path.name})", flush=True)
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    log = MetricsLog(run_dir, saved.get("step", 0), enabled=rank == 0)
+    return Run(config, task, run_dir, device, rank, world, guard, model, net, optimizer, scheduler, log, **saved)
+
+
+def _grad_norm(run: Run) -> torch.Tensor:
+    """Total gradient norm, clipped to ``config.grad_clip`` when that is > 0."""
+    clip = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
+    return nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _diverged(run: Run, step: int, loss: float, norm: float, cause: str = "") -> Divergence:
+    path, saved_step = run.saved if run.saved else (None, None)
+    return Divergence(step, loss, norm, path, saved_step, cause)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, on_nonfinite: str = "stop") -> Divergence | None:
+    """One optimizer step on the batch ``(x, y)``; returns a ``Divergence`` (and leaves the model untouched) when
+    the loss or the gradient is not finite and ``on_nonfinite="stop"``; with ``"skip"`` such a step only
+    advances the schedule. Updates ``run``'s counters; logging is the caller's."""
+    step, tick = run.step + 1, time.perf_counter()
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    try:
+        with autocast(run.device):
+            loss = run.task.loss(run.net(x), y)
+        loss.backward()
+    except (ValueError, RuntimeError) as err:  # e.g. an exponential of non-finite generators
+        if "non-finite" not in str(err) and _params_finite(run.model):
+            raise
+        return _diverged(run, step, float("nan"), float("nan"), f"{type(err).__name__}: {err}")
+    norm = _grad_norm(run)
+    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one sync
+    bad = torch.tensor([float(not (math.isfinite(loss_value) and math.isfinite(norm_value)))], device=run.device)
+    if all_reduce(bad).item():  # every rank decides alike
+        if on_nonfinite == "stop":
+            return _diverged(run, step, loss_value, norm_value)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.step, run.skipped = step, run.skipped + 1
+        run.log.write(
+            {
+                "step": step,
+                "skipped_nonfinite": 1,
+                "nonfinite_loss": str(loss_value),
+                "nonfinite_grad_norm": str(norm_value),
+            }
+        )
+        if run.rank == 0:
+            print(f"warning: step {step}: skipped (loss {loss_value}, gradient norm {norm_value})", file=sys.stderr)
+        return None
+    run.optimizer.step()
+    run.scheduler.step()
+    elapsed = time.perf_counter() - tick
+    run.step, run.loss = step, loss_value
+    if step - run.process_start > TIMING_WARMUP:
+        run.timing = {"seconds": run.timing["seconds"] + elapsed, "steps": run.timing["steps"] + 1}
+    w = run.window
+    run.window = {
+        "loss": w["loss"] + loss_value,
+        "steps": w["steps"] + 1,
+        "items": w["items"] + run.task.items(y),
+        "seconds": w["seconds"] + elapsed,
+    }
+    return None
+
+
+def log_step(run: Run, extra: Mapping[str, float] | None, progress: Progress) -> None:
+    """The step's metrics record: mean loss over the log window, LR and rate; validation metrics when due."""
+    config, step, record = run.config, run.step, dict(extra or {})
+    if (step % config.log_every == 0 or step == config.steps) and run.window["steps"]:
+        w = run.window
+        mean = all_reduce(torch.tensor([w["loss"] / w["steps"]], device=run.device)).item() / run.world
+        rate = w["items"] * run.world / max(w["seconds"], 1e-9)
+        record |= {"loss": mean, "lr": run.scheduler.get_last_lr()[0], run.task.rate_unit: rate}
+        progress.postfix(loss=f"{mean:.4f}", **{run.task.rate_unit.split("_")[0] + "/s": f"{rate:.0f}"})
+        progress.loss = mean
+        run.window = dict.fromkeys(w, 0)
+    if step % config.eval_every == 0 or step == config.steps:
+        run.val = evaluate(run.task, run.model, "val", run.device, run.rank, run.world)
+        record |= {f"val_{k}": v for k, v in run.val.items()} | inspect.position_metrics(run.model)
+    if record:
+        run.log.write({"step": step, **record})
+
+
+def summarize(run: Run, test: dict[str, float], divergence: Divergence | None = None) -> RunSummary:
+    """The run's summary; ``final_loss`` is the mean over ranks of the last step's loss."""
+    final_loss = all_reduce(torch.tensor([run.loss], device=run.device)).item() / run.world
+    timing = run.timing
+    return RunSummary(
+        config=run.config.to_dict(),
+        config_hash=checkpoint.config_hash(run.guard),
+        model_spec=run.task.model_spec,
+        checkpoint=str(run.run_dir / layout.LAST),
+        metric=run.task.metric,
+        higher_is_better=run.task.higher_is_better,
+        final_loss=final_loss if math.isfinite(final_loss) else None,
+        val=run.val,
+        test=test,
+        params=count_parameters(run.model),
+        state_sha256=state_sha256(run.model),
+        step_time_ms=1000 * timing["seconds"] / timing["steps"] if timing["steps"] else float("nan"),
+        **peak_memory(run.device),
+        steps=run.config.steps,
+        world_size=run.world,
+        device=str(run.device),
+        data_source=run.task.source,
+        wall_time_s=run.wall_time(),
+        diverged=None if divergence is None else divergence.__dict__,
+        skipped_steps=run.skipped,
+        threads=torch.get_num_threads(),
+    )
+
+
+def finish(run: Run, divergence: Divergence | None = None) -> RunSummary:
+    """Test metrics (none for a diverged run) and ``summary.json`` (rank 0)."""
+    run.log.close()
+    test = {} if divergence else evaluate(run.task, run.model, "test", run.device, run.rank, run.world)
+    summary = summarize(run, test, divergence)
+    if run.rank == 0:
+        layout.write_json(run.run_dir / layout.SUMMARY, summary.to_dict())
+    return summary
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -157,115 +484,79 @@ def train(
     task: Task | None = None,
     resume: bool = False,
     quiet: bool = False,
+    on_nonfinite: str = "stop",
+    hooks: Sequence[StepHook] = (),
+    ddp_timeout: float = DDP_TIMEOUT_S,
     die_at_step: int | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json`` by rank 0).
 
     ``task`` reuses already loaded data (it must match ``config``). With ``resume`` the run continues from
-    ``run_dir``'s checkpoint, which must come from the same config; without one it starts fresh.
+    ``run_dir``'s newest valid checkpoint (without one it starts fresh); without it, a folder that holds a
+    run is refused. A non-finite loss or gradient raises ``Diverged`` (after writing the diverged summary),
+    or with ``on_nonfinite="skip"`` skips that step. ``hooks`` add per-step metrics (``StepHook``).
     ``die_at_step`` SIGKILLs the process after that step (and its checkpoint, if due): a crash for tests.
     """
-    run_dir, wall_start = Path(run_dir), time.perf_counter()
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"--on-nonfinite: expected one of {ON_NONFINITE}, got {on_nonfinite!r}")
+    run_dir, started = Path(run_dir), time.perf_counter()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world = init_distributed(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    task = load_task(config) if task is None else task
-    guard = run_guard(config, world)
-
-    torch.manual_seed(config.seed)
-    model = task.build_model().to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
-    )
-    start, timing, loss_value, metrics = 0, {"seconds": 0.0, "steps": 0}, float("nan"), {}
-    ckpt_path = checkpoint.find(run_dir) if resume else None
-    if ckpt_path is not None:
-        state = checkpoint.read(ckpt_path, map_location=device)
-        checkpoint.check_config(ckpt_path, state, guard)
-        checkpoint.load_state_dict(ckpt_path, model, state["model"], "model")
-        checkpoint.load_state_dict(ckpt_path, optimizer, state["optimizer"], "optimizer")
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start, timing, loss_value, metrics = state["step"], state["timing"], state["loss"], state["val"]
-    elif checkpoint.find(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=True (--resume) or another folder")
-
-    net: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model  # fmt: skip
-    if config.compile:
-        net = torch.compile(net)
-    log = MetricsLog(run_dir, start, enabled=rank == 0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    bar = tqdm(total=config.steps, initial=start, disable=quiet or rank != 0 or not sys.stderr.isatty(),
-               desc=f"{config.task} {config.encoding} s{config.seed}", dynamic_ncols=True)  # fmt: skip
-    window = {"loss": 0.0, "steps": 0, "items": 0, "seconds": 0.0}
-    model.train()
-    for step, (x, y) in enumerate(task.batches(start, rank, world, workers), start=start + 1):
-        tick = time.perf_counter()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device):
-            loss = task.loss(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()  # synchronises, so the step time below is the real one
-        elapsed = time.perf_counter() - tick
-        if step - start > TIMING_WARMUP:
-            timing = {"seconds": timing["seconds"] + elapsed, "steps": timing["steps"] + 1}
-        window = {"loss": window["loss"] + loss_value, "steps": window["steps"] + 1,
-                  "items": window["items"] + task.items(y), "seconds": window["seconds"] + elapsed}  # fmt: skip
-        bar.update(1)
-
-        record: dict[str, Any] = {}
-        if step % config.log_every == 0 or step == config.steps:
-            mean = all_reduce(torch.tensor([window["loss"] / window["steps"]], device=device)).item() / world
-            rate = window["items"] * world / max(window["seconds"], 1e-9)
-            unit = "tokens_per_s" if task.metric == "bpc" else "images_per_s"
-            record |= {"loss": mean, "lr": scheduler.get_last_lr()[0], unit: rate}
-            bar.set_postfix(loss=f"{mean:.4f}", **{unit.split("_")[0] + "/s": f"{rate:.0f}"})
-            window = dict.fromkeys(window, 0)
-        if step % config.eval_every == 0 or step == config.steps:
-            metrics = evaluate(task, model, "val", device, rank, world)
-            record |= {f"val_{k}": v for k, v in metrics.items()} | inspect.position_metrics(model)
-        if record:
-            log.write({"step": step, **record})
-        if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps):
-            state = dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), timing=timing, loss=loss_value, val=metrics)  # fmt: skip
-            checkpoint.save(run_dir / checkpoint.LAST, checkpoint.bundle(guard, task.model_spec, **state))
-        if step == die_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    log.close()
-
-    test = evaluate(task, model, "test", device, rank, world)
-    summary = {
-        "config": config.to_dict(),
-        "config_hash": checkpoint.config_hash(guard),
-        "model_spec": task.model_spec,
-        "checkpoint": str(run_dir / checkpoint.LAST),
-        "metric": task.metric,
-        "higher_is_better": task.higher_is_better,
-        "final_loss": loss_value,
-        "val": metrics,
-        "test": test,
-        "params": count_parameters(model),
-        "state_sha256": state_sha256(model),
-        "step_time_ms": 1000 * timing["seconds"] / timing["steps"] if timing["steps"] else float("nan"),
-        **peak_memory(device),
-        "steps": config.steps,
-        "world_size": world,
-        "device": str(device),
-        "data_source": task.source,
-        "wall_time_s": time.perf_counter() - wall_start,
-    }
+    rank, world = init_distributed(device, ddp_timeout)
     if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        check_folder(run_dir, resume)
+    with layout.RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            layout.clean_temp_files(run_dir)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        task = load_task(config) if task is None else task
+        run = restore(config, run_dir, task, resume, device, rank, world)
+        run.wall_start = started
+        try:
+            divergence = _loop(run, quiet, on_nonfinite, hooks, die_at_step)
+        except RuntimeError as err:
+            if world > 1 and any(word in str(err).lower() for word in ("timed out", "timeout")):
+                raise _timeout_error(run, ddp_timeout) from err
+            raise
+        summary = finish(run, divergence)
+    if divergence is not None:
+        raise Diverged(summary)
     return summary
+
+
+def _timeout_error(run: Run, timeout_s: float) -> RankTimeout:
+    silent = silent_ranks(run.rank, run.world, run.step + 1, min(10.0, timeout_s))
+    who = f"rank(s) {', '.join(map(str, silent))}" if silent else "another rank"
+    saved = f"{run.saved[0]} (step {run.saved[1]})" if run.saved else "none yet"
+    return RankTimeout(
+        f"rank {run.rank}: {who} stopped answering for --ddp-timeout {timeout_s:g} s during step {run.step + 1} "
+        f"(stalled, or killed). Last checkpoint: {saved}; restart the job with --resume"
+    )
+
+
+def _loop(
+    run: Run, quiet: bool, on_nonfinite: str, hooks: Sequence[StepHook], die_at_step: int | None
+) -> Divergence | None:
+    """The step loop from ``run.step`` to ``config.steps``; the divergence that stopped it, if any."""
+    config = run.config
+    run.process_start = run.step
+    workers = min(4, os.cpu_count() or 1) if run.device.type == "cuda" else 0
+    progress = Progress(config, run.step, enabled=not quiet and run.rank == 0)
+    run.model.train()
+    try:
+        for x, y in run.task.batches(run.step, run.rank, run.world, workers):
+            if divergence := train_step(run, x, y, on_nonfinite):
+                return divergence
+            extra: dict[str, float] = {}
+            for hook in hooks:
+                extra |= hook(run.step, run.model) or {}
+            log_step(run, extra, progress)
+            progress.update(run.step)
+            if run.step % config.ckpt_every == 0 or run.step == config.steps:
+                run.save()
+            if run.step == die_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        progress.close()
+    return None

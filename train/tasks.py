@@ -95,6 +95,8 @@ class Task:
 
     metric = "accuracy"
     higher_is_better = True
+    rate_unit = "images_per_s"  # throughput key of metrics.jsonl
+    correct_per_example = True  # the evaluation saves per-example correctness (paired McNemar tests)
 
     @property
     def source(self) -> str:
@@ -160,6 +162,8 @@ class TextTask(Task):
 
     metric = "bpc"
     higher_is_better = False
+    rate_unit = "tokens_per_s"
+    correct_per_example = False
 
     def batches(self, start: int, rank: int = 0, world_size: int = 1, workers: int = 0) -> Iterator[tuple]:
         cfg, context = self.config, self.model_spec["kwargs"]["context"]

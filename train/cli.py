@@ -1,0 +1,82 @@
+"""What every ``python -m train...`` command does with errors: one line naming the problem and the fix.
+
+Usage errors (bad options, wrong or busy folders, unusable checkpoints) exit with status 2, a run that
+failed (divergence, a stalled DDP rank) with status 1; anything else is a bug and keeps its traceback.
+``--debug`` shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from train import machine
+from train.checkpoint import CheckpointError
+from train.loop import Diverged, RankTimeout
+
+USAGE_ERRORS = (ValueError, CheckpointError, FileExistsError, FileNotFoundError)  # RunFolderError is a ValueError
+RUN_FAILURES = (Diverged, RankTimeout)
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """``--debug`` for every command."""
+    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the training commands (``train``, ``train.ab``)."""
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads: a number, or auto (idle cores: cores minus the load average;\n"
+        "an explicit OMP_NUM_THREADS is kept). Default: auto",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        default="stop",
+        choices=("stop", "skip"),
+        help="a non-finite loss or gradient: stop the run (default, reported as diverged),\n"
+        "or skip that optimizer step (logged in metrics.jsonl and counted in the summary)",
+    )
+    p.add_argument(
+        "--ddp-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a collective waits for a silent rank before the job\n"
+        "fails naming it (default: 600)",
+    )
+    add_common_options(p)
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train.loop.train`` keyword arguments given by ``add_run_options`` (and ``--quiet``)."""
+    return {"quiet": args.quiet, "on_nonfinite": args.on_nonfinite, "ddp_timeout": args.ddp_timeout}
+
+
+def set_threads(args: argparse.Namespace) -> str:
+    """Apply ``--threads`` (shared among this machine's torchrun processes); print the choice on rank 0."""
+    line = machine.set_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+    return line
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Call ``main(argv)`` and turn known errors into ``error: ...`` lines and exit codes (see module doc)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(args)
+    except (*USAGE_ERRORS, *RUN_FAILURES) as err:
+        if "--debug" in args:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED if isinstance(err, RUN_FAILURES) else EXIT_USAGE)
+    except KeyboardInterrupt:
+        if "--debug" in args:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

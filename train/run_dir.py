@@ -1,0 +1,184 @@
+"""The run-folder layout, and the file operations that keep it consistent across crashes.
+
+One training run (``python -m train --out RUN``) writes into ``RUN``::
+
+    metrics.jsonl   one JSON object per logged step (appended; a torn last line is dropped on resume)
+    summary.json    the finished run's summary (``train.summaries.RunSummary``)
+    last.pt         the newest checkpoint; prev.pt the one before it (``train.checkpoint``)
+    evaluation.json / test_correct.pt   evaluations of the trained model (``train.evaluate``)
+    .lock           the pid of the process training into the folder
+
+An A/B folder (``python -m train.ab --out AB``) holds one such folder per (encoding, seed[, fraction]) and
+``results.json`` (``train.summaries.AbResults``), ``results.md``, ``report.md`` and PNG plots.
+
+Whole files (JSON, checkpoints) are written to a temp file in the same folder and renamed into place, so a
+crash or a full disk never leaves a half-written file behind; temp files a killed process left are removed
+by the next run that takes the folder's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LAST, PREV = "last.pt", "prev.pt"
+EVALUATION, CORRECT = "evaluation.json", "test_correct.pt"
+RESULTS_JSON, RESULTS_MD, REPORT = "results.json", "results.md", "report.md"
+CURVES, FINAL = "curves.png", "final.png"
+LOCK = ".lock"
+TMP_GLOB = ".*.tmp"  # temp files of atomic writes: ``.<name>.<pid>.tmp``
+
+
+class RunFolderError(ValueError):
+    """A run folder or one of its files that cannot be used (message names the file and what to do)."""
+
+
+class RunExistsError(FileExistsError):
+    """A fresh run was asked for in a folder that already holds one."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (something was repaired or skipped; the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def tmp_path(path: Path) -> Path:
+    """The temp file an atomic write of ``path`` goes through (same folder, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a fsynced temp file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """``value`` as indented JSON, written atomically."""
+    return write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` written atomically."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON content of ``path``; ``RunFolderError`` naming the file when it is missing, empty or invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} does not exist") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        what = "is empty" if not text.strip() else f"is not valid JSON ({err})"
+        raise RunFolderError(f"{path} {what}; delete it to have it rebuilt, or restore it from a backup") from err
+
+
+def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file. A torn last line (a killed or disk-full write) is dropped with a warning,
+    and with ``repair`` also cut from the file; a bad line elsewhere raises ``RunFolderError`` naming the line.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise RunFolderError(f"{path}, line {number} is not valid JSON ({err}); fix or delete it") from err
+            warn(f"{path}: dropped a torn last line ({len(line)} bytes, left by an interrupted write)")
+            if repair:
+                write_text(path, "".join(lines[: number - 1]))
+    return records
+
+
+def has_run(path: str | Path) -> bool:
+    """Whether ``path`` already holds (part of) a training run: a checkpoint, a summary or a metrics log."""
+    return any((Path(path) / name).exists() for name in (LAST, PREV, SUMMARY, METRICS))
+
+
+def clean_temp_files(path: str | Path) -> list[Path]:
+    """Remove the temp files of interrupted atomic writes in ``path`` (call it holding the folder's lock)."""
+    stale = sorted(Path(path).glob(TMP_GLOB))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive use of a run folder by one process: ``with RunLock(folder): ...``.
+
+    The lock file holds ``host pid``. A second process refuses with ``RunFolderError``; a lock whose process
+    is gone (same host) is taken over with a note. The lock is removed on exit.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self.owner + "\n")
+        return True
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._create():
+            return self
+        host, _, pid = self.path.read_text().strip().partition(" ")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            print(f"note: {self.path} was left by process {pid}, which is gone; taking the folder over", flush=True)
+            self.path.unlink(missing_ok=True)
+            if self._create():
+                return self
+            host, _, pid = self.path.read_text().strip().partition(" ")
+        raise RunFolderError(
+            f"{self.path.parent} is in use by process {pid} on {host} (lock file {self.path}); wait for that run "
+            f"to finish or stop it, or choose another --out. If no such process exists, delete {self.path}"
+        )
+
+    def release(self) -> None:
+        if self.path.is_file() and self.path.read_text().strip() == self.owner:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
