@@ -181,10 +181,11 @@ def plot_commutator_steps(runs: Sequence[tuple[str, list[dict[str, Any]]]], path
 
 
 def _runs(root: Path) -> list[tuple[str, Path]]:
-    """``(name, run folder)`` pairs: every run of an A/B folder, or the folder itself."""
+    """``(name, run folder)`` pairs: every run of an A/B folder that left a checkpoint, or the folder itself."""
     results = root / "results.json"
     if results.is_file():
-        return [(r["run_dir"], root / r["run_dir"]) for r in json.loads(results.read_text())["runs"]]
+        runs = [(r["run_dir"], root / r["run_dir"]) for r in json.loads(results.read_text())["runs"]]
+        return [(name, folder) for name, folder in runs if (folder / checkpoint.LAST).is_file()]  # diverged: none
     if (root / checkpoint.LAST).is_file():
         return [(root.name, root)]
     raise ValueError(f"run folder {root}: neither results.json (train.ab) nor {checkpoint.LAST} (one run) found")
