@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from liere.coords import Progression
 from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, check_positive_int, resolve_rot_dim
+from liere.linalg import block_diag, skew_from_params
 from liere.rotations import Rotations
 
 
@@ -168,6 +169,11 @@ class RoPEMixed(LearnedEncoding):
         gen = self.init_generator(seed)
         init = mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen)
         self.freqs = nn.Parameter(init)  # (depth, heads, axes, pairs)
+
+    def skew_generators(self) -> Tensor:
+        """Dense commuting generators ``(depth, num_heads, num_axes, head_dim, head_dim)``: ``[[0, -w], [w, 0]]``."""
+        pairs = skew_from_params(self.freqs[..., None], 2)
+        return block_diag(pairs, self.head_dim, fill_identity=False)
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhap->dshnp", coords, self.freqs.to(coords))

@@ -37,6 +37,9 @@ class ViT(nn.Module):
     - ``"index"``: patch indices (``grid_coords`` default), so a larger image covers a larger range;
     - ``"stretch"``: the new grid spans the training range, spacing ``(train_n - 1) / (test_n - 1)`` per axis.
 
+    ``unit_coords=True`` divides every coordinate by ``train_n - 1`` per axis, so the training grid spans
+    ``[0, 1]`` (the LieRE paper's convention, meant for ``init="uniform"``); ``coord_scale`` applies on top.
+
     ``pool="cls"`` classifies from a CLS token, ``"mean"`` from the mean patch token. CLS and the
     ``num_registers`` register tokens are prefix tokens: unrotated and without absolute embedding.
     ``size`` picks dim/depth/heads from ``VIT_SIZES``; explicit ``dim``/``depth``/``heads`` override it.
@@ -57,6 +60,7 @@ class ViT(nn.Module):
         num_registers: int = 0,
         dropout: float = 0.0,
         coord_scale: str = "index",
+        unit_coords: bool = False,
         encoding_options: dict[str, object] | None = None,
     ) -> None:
         super().__init__()
@@ -79,7 +83,7 @@ class ViT(nn.Module):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         config = VIT_SIZES[size] | {k: v for k, v in dict(dim=dim, depth=depth, heads=heads).items() if v is not None}
         self.dim, depth, heads = config["dim"], config["depth"], config["heads"]
-        self.pool, self.coord_scale = pool, coord_scale
+        self.pool, self.coord_scale, self.unit_coords = pool, coord_scale, bool(unit_coords)
         self.num_prefix_tokens = int(pool == "cls") + num_registers
 
         conv = nn.Conv2d if self.num_axes == 2 else nn.Conv3d
@@ -112,12 +116,14 @@ class ViT(nn.Module):
         return tuple(s // p for s, p in zip(spatial, self.patch_size, strict=True))
 
     def grid(self, shape: Sequence[int]) -> Grid:
-        """The ``Grid`` of a patch grid of ``shape``, placed according to ``coord_scale``."""
+        """The ``Grid`` of a patch grid of ``shape``, placed according to ``coord_scale`` and ``unit_coords``."""
         if self.coord_scale == "stretch":
-            return Grid(
-                tuple(shape), [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, shape, strict=True)]
-            )
-        return Grid(tuple(shape))
+            spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, shape, strict=True)]
+        else:
+            spacing = [1.0] * self.num_axes
+        if self.unit_coords:
+            spacing = [s / (t - 1) if t > 1 else s for s, t in zip(spacing, self.train_grid, strict=True)]
+        return Grid(tuple(shape), tuple(spacing))
 
     def coords(self, grid: Sequence[int], device: torch.device | str | None = None) -> Tensor:
         """Patch coordinates ``(prod(grid), num_axes)`` for a patch grid, placed according to ``coord_scale``."""

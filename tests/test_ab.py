@@ -44,6 +44,17 @@ def test_unknown_encoding_fails_before_training(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_unit_suffix_trains_on_unit_coords(tmp_path):
+    assert ab.split_encoding("liere8:init=uniform@unit") == ("liere8:init=uniform", {"unit_coords": True})
+    assert ab.split_encoding("liere8") == ("liere8", {})
+    with pytest.raises(ValueError, match="@unit"):
+        ab.split_encoding("liere8@half")
+    results = ab.main([*ARGS, "--encodings", "liere8@unit", "--evaluate", "none", "--out", str(tmp_path / "ab")])
+    (run,) = results.runs
+    assert run.encoding == "liere8@unit" and run.config["encoding"] == "liere8"
+    assert run.model_spec["kwargs"]["unit_coords"] is True
+
+
 def test_parse_seeds():
     assert ab.parse_seeds("0,1,2") == [0, 1, 2] == ab.parse_seeds("0-2")
     assert ab.parse_seeds("7") == [7]

@@ -148,6 +148,14 @@ def test_coord_scale_places_larger_grids():
     assert torch.equal(stretch.grid((8, 8)).coords(), big_stretch)  # the grid the forward uses
 
 
+def test_unit_coords_span_zero_to_one_on_the_training_grid():
+    unit, stretch = vit_2d("liere8", unit_coords=True), vit_2d("liere8", unit_coords=True, coord_scale="stretch")
+    torch.testing.assert_close(unit.coords((4, 4)), vit_2d("liere8").coords((4, 4)) / 3)
+    assert unit.coords((4, 4)).amax(0).tolist() == [1.0, 1.0]
+    torch.testing.assert_close(unit.coords((7, 7)).amax(0), torch.tensor([2.0, 2.0]))  # index: spacing 1/3 kept
+    torch.testing.assert_close(stretch.coords((7, 7)).amax(0), torch.tensor([1.0, 1.0]))
+
+
 def test_stretch_at_training_resolution_equals_index():
     index, stretch = vit_2d("liere8"), vit_2d("liere8", coord_scale="stretch")
     images = torch.randn(2, 3, 16, 16)

@@ -61,6 +61,22 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def split_encoding(text: str) -> tuple[str, dict[str, Any]]:
+    """An ``--encodings`` item -> (factory spec, model options): ``"liere8:init=uniform@unit"`` ->
+    ``("liere8:init=uniform", {"unit_coords": True})``; ``@unit`` trains the ViT on ``[0, 1]`` patch coordinates
+    (spacing ``1/(n-1)``, the LieRE paper's convention) instead of patch indices."""
+    spec, at, suffix = text.partition("@")
+    if at and suffix != "unit":
+        raise ValueError(f"--encodings: the only suffix is '@unit' ([0, 1] patch coordinates), got {text!r}")
+    return spec, {"unit_coords": True} if at else {}
+
+
+def _config(base: RunConfig, encoding: str, seed: int, fraction: float) -> RunConfig:
+    spec, model_options = split_encoding(encoding)
+    changes = {"encoding": spec, "seed": seed, "train_fraction": fraction}
+    return RunConfig(**(base.to_dict() | changes | {"model_options": base.model_options | model_options}))
+
+
 def run_name(encoding: str, seed: int, fraction: float = 1.0) -> str:
     """Folder name of one run, e.g. ``liere64_init=uniform-s0`` (``liere8-f0.1-s0`` on 10% of the data)."""
     part = "" if fraction == 1.0 else f"-f{fraction:g}"
@@ -75,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encodings",
         help=f"comma-separated liere factory specs (e.g. liere8, liere64:init=uniform); the first is the\n"
-        f"step-time reference. Default: {IMAGE_ENCODINGS} (text tasks: {TEXT_ENCODINGS})",
+        f"step-time reference; a suffix @unit trains that one on [0, 1] patch coordinates (ViT unit_coords).\n"
+        f"Default: {IMAGE_ENCODINGS} (text tasks: {TEXT_ENCODINGS})",
     )
     p.add_argument(
         "--preset",
@@ -212,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     base = preset_config(
         args.preset,
         args.task,
-        encoding=encodings[0],
+        encoding=split_encoding(encodings[0])[0],
         device=args.device,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -260,12 +277,7 @@ def _run_all(
     world: int,
 ) -> AbResults:
     """Train (or reuse, under --resume) every run and evaluate the main-fraction ones."""
-    configs = {
-        (e, s, f): RunConfig(**(base.to_dict() | {"encoding": e, "seed": s, "train_fraction": f}))
-        for f in fractions
-        for e in encodings
-        for s in seeds
-    }
+    configs = {(e, s, f): _config(base, e, s, f) for f in fractions for e in encodings for s in seeds}
     task = load_task(base)
     check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
     if rank == 0:

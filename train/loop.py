@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from train import checkpoint
+from train import checkpoint, inspect
 from train import run_dir as layout
 from train.presets import RunConfig
 from train.summaries import Divergence, RunSummary
@@ -433,7 +433,7 @@ def log_step(run: Run, extra: Mapping[str, float] | None, progress: Progress) ->
         run.window = dict.fromkeys(w, 0)
     if step % config.eval_every == 0 or step == config.steps:
         run.val = evaluate(run.task, run.model, "val", run.device, run.rank, run.world)
-        record |= {f"val_{k}": v for k, v in run.val.items()}
+        record |= {f"val_{k}": v for k, v in run.val.items()} | inspect.position_metrics(run.model)
     if record:
         run.log.write({"step": step, **record})
 

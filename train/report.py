@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from train import cli, data, plots
+from train import cli, data, inspect, plots
 from train import run_dir as layout
 from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.summaries import AbResults, AbRun
@@ -446,6 +446,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
         *extrapolation_sections(evals, root, chance_level(results)),
         length_section(evals, root),
         fraction_section(results, root),
+        inspect.section(root),
     ]
     return layout.write_text(root / layout.REPORT, "\n\n".join(p for p in parts if p) + "\n")
 
