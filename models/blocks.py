@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, build, rotary_attention
@@ -66,8 +67,8 @@ class Attention(nn.Module):
         With a (causal) ``cache``, the ``n`` tokens follow the cached ones: their rotated keys and values are
         appended to ``cache`` (slot ``layer``) and they attend to the cache and causally among themselves.
         """
-        batch, n, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        n = x.shape[1]
+        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
             out = rotary_attention(q, k, v, rot, is_causal=self.causal, dropout_p=dropout_p)
@@ -78,7 +79,7 @@ class Attention(nn.Module):
             past = k.shape[2] - n
             mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
             out = F.scaled_dot_product_attention(rot.apply(q), k, v, attn_mask=mask, dropout_p=dropout_p)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, n, dim)))
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 
 class MLP(nn.Sequential):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from liere import Grid, PositionEncoding
@@ -133,7 +134,7 @@ class ViT(nn.Module):
         """All tokens after the final norm, ``(B, num_prefix_tokens + num_patches, dim)``."""
         self._check_images(images)
         patches = self.patch_embed(images)  # (B, dim, *grid)
-        x = patches.flatten(2).transpose(1, 2)
+        x = rearrange(patches, "b c ... -> b (...) c")  # row-major patch order, as grid_coords
         grid = self.grid([int(s) for s in patches.shape[2:]])  # ints under jit.trace too
         x = self.encoding.add_to_tokens(x, grid)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.registers) if t is not None]
