@@ -35,14 +35,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.common import autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
+from liere import available, encoding_info
 from liere.encoding import PositionEncoding, check_positive_int
 from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
 from models import CharLM, ViT
 
-COLLECTION = ("string-cayley", "string-circulant", "comrope-ap", "comrope-ld")
-ENCODINGS_2D = ("none", "axial-rope", "rope-mixed", "liere8", "liere64", "reference", "visionllama", *COLLECTION)
-ENCODINGS_1D = ("none", "rope", "rope-mixed", "liere8", "liere64", "reference", "rope-basis", *COLLECTION)
+
+def default_encodings(num_axes: int) -> tuple[str, ...]:
+    """The RoPE baseline of every ratio first, then every registered encoding that supports ``num_axes`` (its
+    example spec, ``liere.encoding_info``), LieRE-64 and the official LieRE recipe (``reference``)."""
+    baseline = "rope" if num_axes == 1 else "axial-rope"
+    infos = [encoding_info(name) for name in available()]
+    examples = [info.example for info in infos if num_axes in info.axes and info.example != baseline]
+    return (baseline, *examples, "liere64", "reference")
 
 
 class ReferenceRotations(Rotations):
@@ -81,8 +87,13 @@ class Setting:
 
     @property
     def encodings(self) -> tuple[str, ...]:
-        """The default encodings of this kind of model; the second is the RoPE baseline of every ratio."""
-        return ENCODINGS_2D if self.kind == "vit" else ENCODINGS_1D
+        """The default encodings of this model (``default_encodings`` of its number of axes)."""
+        return default_encodings(1 if self.kind == "lm" else 3 if "frames" in self.config else 2)
+
+    @property
+    def baseline(self) -> str:
+        """The RoPE baseline of every ratio: RoPE for the char-LM, axial RoPE for ViTs."""
+        return self.encodings[0]
 
 
 def settings(size: str) -> list[Setting]:
@@ -267,7 +278,7 @@ def bench_setting(
             steps[(encoding, compiled)] = step
     keys = [(e, False) for e in encodings] if args.memory_only else list(steps)
     times = {} if args.memory_only else time_ms(steps, device, args.repeats)
-    baseline = setting.encodings[1]
+    baseline = setting.baseline
     rows = []
     for encoding, compiled in keys:
         ms, base_ms = times.get((encoding, compiled)), times.get((baseline, compiled))
@@ -338,7 +349,7 @@ def fit_setting(
         a, slope, _ = lines[encoding]
         return a + slope * batch
 
-    baseline, low, check = setting.encodings[1], min(args.fit), args.check_batch
+    baseline, low, check = setting.baseline, min(args.fit), args.check_batch
     rows = []
     for encoding in encodings:
         a, slope, residual = lines[encoding]
@@ -436,8 +447,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             setting = dataclasses.replace(setting, batch=check_positive_int(args.batch, "--batch"))
         if args.depth is not None:
             setting = dataclasses.replace(setting, config=setting.config | dict(depth=args.depth))
-        names = setting.encodings
-        encodings = list(names) if args.encodings is None else [names[1], *(e for e in args.encodings if e != names[1])]
+        base = setting.baseline
+        encodings = (
+            list(setting.encodings) if args.encodings is None else [base, *(e for e in args.encodings if e != base)]
+        )
         if args.fit:
             rows = fit_setting(setting, encodings, device, args)
             print(markdown_table(rows, FIT_COLUMNS) + "\n", flush=True)

@@ -57,7 +57,7 @@ def test_model_bench_rows(tmp_path) -> None:
     results = model_bench.main(["--size", "tiny", "--models", "ViT 32px/8", "--repeats", "1", "--json", str(path)])
     assert json.loads(path.read_text())["rows"] == results["rows"]
     rows = results["rows"]
-    assert [r["encoding"] for r in rows] == list(model_bench.ENCODINGS_2D)
+    assert [r["encoding"] for r in rows] == list(model_bench.default_encodings(2))
     assert_times(rows, ("step_ms", "step_ratio"))
     assert all(r["peak_mib"] is None for r in rows)  # not measured on CPU
     assert_times(rows, ("saved_mib", "saved_ratio"))
