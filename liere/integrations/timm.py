@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from liere import Rotations, grid_coords, rotary_attention
+from liere import Grid, Rotations, rotary_attention
 from liere.factory import build, parse_spec
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
 
@@ -138,20 +138,21 @@ class RotaryVisionTransformer(VisionTransformer):
     train_grid: tuple[int, int]
     coord_augment: dict[str, float | None]
 
-    def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Tensor:
-        """Patch coordinates ``(gh * gw, 2)`` of a patch grid, placed according to ``coord_scale``.
-
-        In training mode the coordinate augmentation (``shift_coords`` ...) given to ``liere_timm_vit`` applies.
-        """
+    def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Grid | Tensor:
+        """The patch grid ``(gh, gw)`` placed according to ``coord_scale``: a ``Grid`` (nothing to validate, no
+        device sync), or in training mode with coordinate augmentation (``shift_coords`` ...) its augmented
+        ``(gh * gw, 2)`` coordinates."""
         if self.coord_scale == "unit":
             spacing = [1 / (g - 1) if g > 1 else 1.0 for g in grid]
         elif self.coord_scale == "stretch":
             spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
         else:
             spacing = [1.0, 1.0]
-        coords = grid_coords(*grid, spacing=spacing, device=device)
+        placed = Grid(grid, tuple(spacing))
         augment = [self.coord_augment.get(name) for name in COORD_AUGMENTS]
-        return augment_coords(coords, *augment) if self.training and any(a is not None for a in augment) else coords
+        if self.training and any(a is not None for a in augment):
+            return augment_coords(placed.coords(device), *augment)
+        return placed
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations."""
