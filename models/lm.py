@@ -37,6 +37,8 @@ class CharLM(nn.Module):
     coordinates, ``"abs"`` (``LearnedAbsolute``) clamps positions past the table to its last entry, and
     ``"sincos"`` evaluates its formula at the new positions. The output head is tied to the token embedding
     (``tie_embeddings=True``, default) or a separate linear layer.
+    ``weight_init`` initialises the linear layers (``models.blocks.init_weights``): ``"trunc_normal"`` or
+    ``"xavier"``.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class CharLM(nn.Module):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         encoding_options: dict[str, object] | None = None,
+        weight_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         if size not in LM_SIZES:
@@ -78,7 +81,7 @@ class CharLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
 
-        self.apply(init_weights)
+        init_weights(self, weight_init)
         nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
         if tie_embeddings:
             self.head.weight = self.token_embed.weight

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
+import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +139,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reference", help="encoding the paired tests compare against (default: the best by mean)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    p.add_argument(
+        "--jobs",
+        default="auto",
+        help="CPU runs trained at once, each in its own process: a number, or auto (default: one per idle\n"
+        "core, each with 1 thread unless --threads says otherwise, so results do not depend on the core count;\n"
+        "always 1 on CUDA and under torchrun)",
+    )
     cli.add_run_options(p)
     return p
 
@@ -237,15 +248,23 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         compile=args.compile or None,
         eval_samples=args.eval_samples,
     )
-    cli.set_threads(args)
-    rank, world = init_distributed(resolve_device(args.device), args.ddp_timeout)
+    device = resolve_device(args.device)
+    runs = len(encodings) * len(seeds) * len(fractions)
+    if device.type == "cpu" and "RANK" not in os.environ:
+        jobs, threads, line = machine.plan_jobs(args.jobs, args.threads, runs)
+        torch.set_num_threads(threads)
+        print(line, flush=True)
+    else:
+        jobs = 1
+        cli.set_threads(args)
+    rank, world = init_distributed(device, args.ddp_timeout)
     out = Path(_shared(str(_run_folder(args))))
     if rank == 0:
         check_out_folder(out, args.resume)
     with layout.RunLock(out) if rank == 0 else contextlib.nullcontext():
         try:
             results = _run_all(
-                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world
+                args, base, out, encodings, seeds, fractions, (evaluations, factors, multiples), rank, world, jobs
             )
         except (KeyboardInterrupt, RuntimeError, OSError):  # not for usage errors (ValueError)
             if rank == 0:
@@ -265,6 +284,77 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     return results
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One run of the A/B grid: its config, folder and whether to evaluate it (main-fraction runs)."""
+
+    encoding: str
+    seed: int
+    fraction: float
+    config: RunConfig
+    run_dir: Path
+    evaluate: bool
+
+
+def _run_one(
+    job: _Job, task: Task, args: argparse.Namespace, evaluation: tuple, rank: int, world: int
+) -> tuple[AbRun, bool, float]:
+    """Train (or reuse) one run and, on rank 0, evaluate it: ``(run, reused, seconds spent by earlier
+    processes on it)``."""
+    tick = time.perf_counter()
+    run_task = with_encoding(task, job.config)
+    summary, reused = _train_or_reuse(job.config, job.run_dir, run_task, args, world)
+    earlier = max(0.0, summary.wall_time_s - (time.perf_counter() - tick))
+    fresh = not reused or not (job.run_dir / layout.EVALUATION).is_file()
+    if rank == 0 and job.evaluate and fresh and summary.test_value is not None:
+        model = checkpoint.load_model(job.run_dir / layout.LAST)
+        evaluate.evaluate_run(model, run_task, job.run_dir, *evaluation, device=summary.device)
+    paths = {"checkpoint": f"{job.run_dir.name}/{layout.LAST}", "metrics_log": f"{job.run_dir.name}/{layout.METRICS}"}
+    run = AbRun(
+        **(summary.to_dict() | paths),
+        encoding=job.encoding,
+        seed=job.seed,
+        fraction=job.fraction,
+        run_dir=job.run_dir.name,
+    )  # paths relative to the A/B folder, which may move
+    return run, reused, earlier
+
+
+_worker_task: Task | None = None
+
+
+def _start_worker(task: Task, threads: int) -> None:
+    global _worker_task
+    torch.set_num_threads(threads)
+    _worker_task = task
+
+
+def _run_in_worker(job: _Job, args: argparse.Namespace, evaluation: tuple) -> tuple[AbRun, bool, float]:
+    assert _worker_task is not None, "_start_worker sets the task"
+    return _run_one(job, _worker_task, args, evaluation, 0, 1)
+
+
+def _execute(
+    jobs: list[_Job], task: Task, args: argparse.Namespace, evaluation: tuple, rank: int, world: int, workers: int
+) -> Iterator[tuple[int, tuple[AbRun, bool, float]]]:
+    """``(position in jobs, _run_one's result)`` as runs finish: in order, or ``workers`` at once in
+    separate processes (each with this process's torch thread count)."""
+    if workers == 1:
+        for position, job in enumerate(jobs):
+            yield position, _run_one(job, task, args, evaluation, rank, world)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already ran
+    init = (task, torch.get_num_threads())
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=init) as pool:
+        futures = {pool.submit(_run_in_worker, job, args, evaluation): i for i, job in enumerate(jobs)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def _run_all(
     args: argparse.Namespace,
     base: RunConfig,
@@ -275,41 +365,37 @@ def _run_all(
     evaluation: tuple,
     rank: int,
     world: int,
+    workers: int = 1,
 ) -> AbResults:
-    """Train (or reuse, under --resume) every run and evaluate the main-fraction ones."""
-    configs = {(e, s, f): _config(base, e, s, f) for f in fractions for e in encodings for s in seeds}
+    """Train (or reuse, under --resume) every run, ``workers`` at once, and evaluate the main-fraction ones."""
+    jobs = [
+        _Job(e, s, f, _config(base, e, s, f), out / run_name(e, s, f), f == fractions[-1])
+        for f in fractions
+        for e in encodings
+        for s in seeds
+    ]
     task = load_task(base)
-    check_encodings(task, [configs[e, seeds[0], fractions[-1]] for e in encodings])
+    check_encodings(task, [j.config for j in jobs if j.seed == seeds[0] and j.fraction == fractions[-1]])
     if rank == 0:
         print(f"data: {task.source}\nrun folder: {out}", flush=True)
-    runs, earlier, trained, started = [], 0.0, 0, time.perf_counter()
-    for index, ((encoding, seed, fraction), config) in enumerate(configs.items(), start=1):
-        run_dir, run_task = out / run_name(encoding, seed, fraction), with_encoding(task, config)
-        tick = time.perf_counter()
-        summary, reused = _train_or_reuse(config, run_dir, run_task, args, world)
-        earlier += max(0.0, summary.wall_time_s - (time.perf_counter() - tick))  # time spent by earlier processes
-        paths = {"checkpoint": f"{run_dir.name}/{layout.LAST}", "metrics_log": f"{run_dir.name}/{layout.METRICS}"}
-        runs.append(
-            AbRun(**(summary.to_dict() | paths), encoding=encoding, seed=seed, fraction=fraction, run_dir=run_dir.name)
-        )  # paths relative to the A/B folder, which may move
-        trained += not reused
+    done: dict[int, AbRun] = {}
+    earlier, trained, started = 0.0, 0, time.perf_counter()
+    finished = _execute(jobs, task, args, evaluation, rank, world, min(workers, len(jobs)))
+    for index, (position, (run, reused, earlier_s)) in enumerate(finished, start=1):
+        done[position], earlier, trained = run, earlier + earlier_s, trained + (not reused)
         if rank != 0:
             continue
-        value = summary.test_value
-        shown = "diverged" if value is None else f"test {summary.metric} {value:.4f}"
-        print(f"[ab] {index}/{len(configs)} {encoding} seed {seed} fraction {fraction:g}: {shown}", flush=True)
-        fresh = not reused or not (run_dir / layout.EVALUATION).is_file()
-        if fraction == fractions[-1] and fresh and value is not None:
-            model = checkpoint.load_model(run_dir / layout.LAST)
-            evaluate.evaluate_run(model, run_task, run_dir, *evaluation, device=summary.device)
-        if index < len(configs) and not reused:
+        shown = "diverged" if run.test_value is None else f"test {run.metric} {run.test_value:.4f}"
+        print(f"[ab] {index}/{len(jobs)} {run.encoding} seed {run.seed} fraction {run.fraction:g}: {shown}", flush=True)
+        if index < len(jobs) and not reused:
             pace = (time.perf_counter() - started) / trained
-            left = len(configs) - index
+            left = len(jobs) - index
             print(
                 f"[ab] about {format_duration(pace * left)} left for {left} more run(s) at the pace so far "
                 "(larger encodings take longer)",
                 flush=True,
             )
+    runs = [done[i] for i in range(len(jobs))]
     first = runs[0]
     return AbResults(
         task=args.task,
@@ -328,6 +414,7 @@ def _run_all(
         runs=runs,
         wall_time_s=earlier,
         threads=torch.get_num_threads(),
+        jobs=workers,
         cpu=machine.cpu_model(),
     )
 

@@ -34,26 +34,62 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def idle_cores() -> tuple[int, str]:
+    """``(cores, reason)``: the cores idle now (cores minus the 1-minute load average, at least 1)."""
+    cores = cpu_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, round(cores - load)), f"{cores} cores, load average {load:.1f}"
+
+
+def _positive(requested: str, option: str) -> int:
+    try:
+        value = int(requested)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{option}: expected a positive integer or 'auto', got {requested!r}")
+    return value
+
+
+def _omp_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def plan_jobs(jobs: str, threads: str, runs: int) -> tuple[int, int, str]:
+    """``(jobs, threads, line)``: how many CPU runs to train at once, each in its own process, and the torch
+    threads of each.
+
+    By default (both ``"auto"``) every run gets 1 thread and as many run at once as cores are idle, so a
+    run's numbers do not depend on the machine's core count (1-thread runs are bitwise reproducible) and
+    small models, which gain little from a second thread, use every core. An explicit ``threads`` (or
+    ``OMP_NUM_THREADS``) is kept and the idle cores are shared among jobs of that many threads.
+    """
+    idle, reason = idle_cores()
+    fixed = None if threads == "auto" else _positive(threads, "--threads")
+    fixed = fixed or _omp_threads()
+    if jobs == "auto":
+        per_run = fixed or 1
+        count = max(1, min(runs, idle // per_run))
+    else:
+        count = _positive(jobs, "--jobs")
+        per_run = fixed or max(1, idle // count)
+    line = f"runs at once: {count}, threads per run: {per_run} ({reason}; --jobs N / --threads N to override)"
+    return count, per_run, line
+
+
 def choose_threads(requested: str = "auto", local_processes: int = 1) -> tuple[int, str]:
     """``(threads, reason)``: ``requested`` as an int, or for ``"auto"`` the idle cores per local process.
 
     ``"auto"`` keeps an explicit ``OMP_NUM_THREADS`` from the environment.
     """
     if requested != "auto":
-        try:
-            threads = int(requested)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise ValueError(f"--threads: expected a positive integer or 'auto', got {requested!r}")
-        return threads, "--threads"
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    cores = cpu_cores()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    idle = max(1, round(cores - load))
+        return _positive(requested, "--threads"), "--threads"
+    if omp := _omp_threads():
+        return omp, "OMP_NUM_THREADS"
+    idle, reason = idle_cores()
     threads = max(1, idle // max(1, local_processes))
-    return threads, f"auto: {cores} cores, load average {load:.1f}; --threads N to override"
+    return threads, f"auto: {reason}; --threads N to override"
 
 
 def set_threads(requested: str = "auto", local_processes: int = 1) -> str:

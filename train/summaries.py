@@ -137,6 +137,7 @@ class AbResults:
     torch_version: str = "?"
     base_config: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    jobs: int = 1
     cpu: str | None = None
     summary: list[dict[str, Any]] = field(default_factory=list)
     table: str = ""
