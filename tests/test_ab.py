@@ -9,7 +9,7 @@ import pytest
 from train import ab
 from train.checkpoint import load_model
 
-ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet"]
+ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--jobs", "1"]
 
 
 def test_smoke_run_writes_results(tmp_path, capsys):
@@ -35,6 +35,19 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     again = ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out), "--resume"])
     assert summary_file.stat().st_mtime_ns == mtime
     assert [r.test for r in again.runs] == [r["test"] for r in saved["runs"]]
+
+
+def test_parallel_runs_equal_sequential_runs_bit_for_bit(tmp_path, capsys):
+    args = [*ARGS[:-2], "--seeds", "0,1", "--encodings", "none,liere8", "--evaluate", "shuffle", "--threads", "1"]
+    sequential = ab.main([*args, "--jobs", "1", "--out", str(tmp_path / "one")])
+    parallel = ab.main([*args, "--jobs", "2", "--out", str(tmp_path / "two")])
+    assert "runs at once: 2, threads per run: 1" in capsys.readouterr().out
+    assert parallel.jobs == 2 and parallel.threads == sequential.threads == 1
+    assert [(r.encoding, r.seed) for r in parallel.runs] == [(r.encoding, r.seed) for r in sequential.runs]
+    assert [r.state_sha256 for r in parallel.runs] == [r.state_sha256 for r in sequential.runs]
+    assert [r.test for r in parallel.runs] == [r.test for r in sequential.runs]
+    for run in parallel.runs:  # the evaluations ran in the worker processes too
+        assert (tmp_path / "two" / run.run_dir / "evaluation.json").is_file()
 
 
 def test_unknown_encoding_fails_before_training(tmp_path):

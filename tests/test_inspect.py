@@ -67,7 +67,7 @@ def test_kernel_is_one_at_the_query_and_depends_on_offset_for_rope_mixed():
 
 def test_metrics_log_commutator_and_cli_writes_section(tmp_path, capsys):
     out = tmp_path / "ab"
-    ab.main(["--preset", "smoke", "--steps", "10", "--quiet", "--evaluate", "none",
+    ab.main(["--preset", "smoke", "--steps", "10", "--quiet", "--evaluate", "none", "--jobs", "1",
              "--encodings", "none,liere8:init=uniform", "--out", str(out)])  # fmt: skip
     records = [r for r in read_jsonl(out / "liere8_init=uniform-s0" / "metrics.jsonl") if "commutator_mean" in r]
     assert records and all(r["commutator_max"] >= r["commutator_mean"] > 0.05 for r in records)

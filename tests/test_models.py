@@ -227,12 +227,25 @@ def test_vit_rejects_bad_images(images, match):
         (dict(heads=3), "divisible by heads"),
         (dict(size="huge"), "size"),
         (dict(encoding="liere7"), "block_size=7"),
+        (dict(weight_init="kaiming"), "weight_init"),
     ],
 )
 def test_vit_rejects_bad_config(kwargs, match):
     config = dict(image_shape=(3, 16, 16), num_classes=5, patch_size=4, dim=32, depth=2, heads=2) | kwargs
     with pytest.raises(ValueError, match=match):
         ViT(**config)
+
+
+def test_weight_init_schemes_set_the_linear_weight_scale():
+    """timm's std 0.02 at any width, or xavier's sqrt(2 / (fan_in + fan_out)); biases zero either way."""
+    sizes = dict(image_shape=(1, 16, 16), num_classes=5, patch_size=4, dim=64, depth=2, heads=1)
+    timm_like, xavier = ViT(**sizes), ViT(**sizes, weight_init="xavier")
+    qkv = [m.attn.qkv for m in (timm_like.transformer.blocks[0], xavier.transformer.blocks[0])]
+    assert abs(qkv[0].weight.std().item() - 0.02) < 0.002
+    assert abs(qkv[1].weight.std().item() - (2 / (64 + 192)) ** 0.5) < 0.005
+    assert all(not layer.bias.any() for layer in qkv)
+    lm = CharLM(VOCAB, CONTEXT, dim=64, depth=2, heads=1, weight_init="xavier")
+    assert abs(lm.transformer.blocks[0].attn.qkv.weight.std().item() - (2 / (64 + 192)) ** 0.5) < 0.005
 
 
 def test_char_lm_rejects_bad_input():

@@ -86,7 +86,8 @@ def test_nonfinite_steps_can_be_skipped_explicitly(tmp_path):
 
 def test_ab_table_marks_diverged_runs(tmp_path, capsys):
     out = tmp_path / "ab"
-    args = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--out", str(out), "--evaluate", "none"]
+    args = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--out", str(out), "--evaluate", "none",
+            "--jobs", "1"]
     results = ab.main([*args, "--lr", "1e3", "--encodings", "axial-rope,rope-mixed"])
     rows = [line for line in results.table.splitlines() if line.startswith(("| axial-rope |", "| rope-mixed |"))]
     assert len(rows) == 2 and all(" | diverged (s0) | — | — | — | — | " in row for row in rows)  # no accuracy
@@ -270,6 +271,24 @@ def test_threads_and_cpu_are_chosen_and_recorded(tmp_path, monkeypatch):
     assert machine.cpu_model()
 
 
+def test_jobs_default_to_one_single_thread_run_per_idle_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(machine, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))  # 3 idle cores
+    assert machine.plan_jobs("auto", "auto", runs=6)[:2] == (3, 1)
+    assert machine.plan_jobs("auto", "auto", runs=2)[:2] == (2, 1)  # no more processes than runs
+    assert machine.plan_jobs("auto", "3", runs=6)[:2] == (1, 3)  # explicit threads are kept
+    assert machine.plan_jobs("2", "auto", runs=6)[:2] == (2, 1)  # explicit jobs share the idle cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert machine.plan_jobs("2", "auto", runs=6)[:2] == (2, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert machine.plan_jobs("auto", "auto", runs=6)[:2] == (2, 2)
+    assert "runs at once: 2, threads per run: 2" in machine.plan_jobs("auto", "auto", runs=6)[2]
+    for jobs, threads, option in (("0", "auto", "--jobs"), ("two", "auto", "--jobs"), ("auto", "-1", "--threads")):
+        with pytest.raises(ValueError, match=option):
+            machine.plan_jobs(jobs, threads, runs=6)
+
+
 def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # pytest's stderr is no terminal: lines, not a bar
     train(_config(steps=12), tmp_path)
@@ -280,7 +299,8 @@ def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkey
 
 def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ab"
-    args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8"]
+    args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8",
+            "--jobs", "1"]  # the Ctrl-C hook is patched into this process
     monkeypatch.setattr(ab, "train", lambda config, *a, **k: train(config, *a, **k, hooks=[ctrl_c(config, 20)]))
     with pytest.raises(KeyboardInterrupt):
         ab.main(args)

@@ -11,7 +11,7 @@ import torch
 
 from train import ab, evaluate, report
 
-ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet"]
+ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet", "--jobs", "1"]
 
 
 def linked_pngs(text: str) -> list[str]:
@@ -46,6 +46,23 @@ def test_report_has_tables_paired_tests_and_existing_plots(vision_run):
     run = next(r for r in results["runs"] if r["run_dir"] == "liere8-s0")
     assert correct.dtype == torch.bool and correct.float().mean().item() == pytest.approx(run["test"]["accuracy"])
     assert not (vision_run / "liere8-f0.5-s0" / report.EVALUATION_FILE).exists()  # evaluations: main fraction only
+
+
+def test_extrapolation_is_paired_with_the_reference_seed_by_seed():
+    def evaluation(seed, *accuracies):
+        records = [dict(kind="canvas", mode="index", factor=f, accuracy=a) for f, a in zip((1.0, 2.0), accuracies)]
+        return {"seed": seed, "extrapolate": records}
+
+    evals = {
+        "rope-mixed": [evaluation(s, 1.0, a) for s, a in zip(range(5), (0.5, 0.4, 0.6, 0.3, 0.5))],
+        "liere8": [evaluation(s, 1.0, a) for s, a in zip((4, 3, 2, 1, 0), (0.9, 0.2, 0.7, 0.8, 0.6))],  # any order
+    }
+    table = report.paired_extrapolation_table(evals, "canvas", "rope-mixed", [1.0, 2.0], ["1x", "2x"])
+    row = next(line for line in table.splitlines() if line.startswith("| liere8 | index |"))
+    # seed by seed at 2x: 0.6-0.5, 0.8-0.4, 0.7-0.6, 0.2-0.3, 0.9-0.5 -> mean +18 points, 4 of 5 higher;
+    # sign flips with |sum| >= 0.9: none, or one of the three 0.1s, either overall sign: 8 of 32
+    assert "| +0.0 (0/5 higher, p 1) |" in row and "+18.0 (4/5 higher, p 0.25) |" in row
+    assert "rope-mixed |" not in table.split("\n\n")[1]  # no row for the reference itself
 
 
 def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):

@@ -217,7 +217,7 @@ def _evaluations(root: Path, runs: Sequence[AbRun]) -> dict[str, list[dict[str, 
     for run in runs:
         path = root / run.run_dir / layout.EVALUATION
         if path.is_file():
-            found[run.encoding].append(layout.read_json(path))
+            found[run.encoding].append(layout.read_json(path) | {"seed": run.seed})
     return found
 
 
@@ -274,10 +274,51 @@ EXTRAPOLATION_NOTE = (
 )
 
 
+def _accuracy_by_seed(evaluations: list[dict[str, Any]], kind: str, mode: str, factor: float) -> dict[int, float]:
+    return {
+        x["seed"]: r["accuracy"]
+        for x in evaluations
+        for r in x.get("extrapolate", [])
+        if (r["kind"], r["mode"], r["factor"]) == (kind, mode, factor)
+    }
+
+
+def paired_extrapolation_table(
+    evals: dict[str, list[dict[str, Any]]], kind: str, reference: str, factors: Sequence[float], titles: Sequence[str]
+) -> str:
+    """Per encoding and coordinate mode, against ``reference`` on the seeds both have: mean difference in
+    points, seeds where it is higher, and the exact sign-flip p-value over those seeds."""
+    body = []
+    for encoding in evals:
+        if encoding == reference:
+            continue
+        modes = sorted({r["mode"] for x in evals[encoding] for r in x.get("extrapolate", []) if r["kind"] == kind})
+        for mode in modes:
+            cells = []
+            for factor in factors:
+                mine = _accuracy_by_seed(evals[encoding], kind, mode, factor)
+                ref = _accuracy_by_seed(evals[reference], kind, mode, factor)
+                seeds = sorted(mine.keys() & ref.keys())
+                if not seeds:
+                    cells.append("—")
+                    continue
+                a, b = [mine[s] for s in seeds], [ref[s] for s in seeds]
+                delta = 100 * sum(x - y for x, y in zip(a, b, strict=True)) / len(seeds)
+                higher = sum(x > y for x, y in zip(a, b, strict=True))
+                cells.append(f"{delta:+.1f} ({higher}/{len(seeds)} higher, p {_p(sign_flip_test(a, b))})")
+            body.append([encoding, mode, *cells])
+    intro = (
+        f"Paired with `{reference}` on the same seeds: mean difference in points, seeds where the encoding is "
+        "higher, and the exact sign-flip p over seeds."
+    )
+    return intro + "\n\n" + markdown_table(["encoding", "coords", *titles], body, "ll" + "r" * len(factors))
+
+
 def extrapolation_sections(
-    evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None
+    evals: dict[str, list[dict[str, Any]]], root: Path, chance: float | None = None, reference: str | None = None
 ) -> list[str]:
-    """One table and line plot per extrapolation kind ("resize" images, a dataset's own, e.g. arrow "canvas")."""
+    """One table and line plot per extrapolation kind ("resize" images, a dataset's own, e.g. arrow "canvas");
+    with a ``reference`` encoding also a table of paired differences against it."""
     sections = []
     for kind, title in {"resize": "resized test images", **data.extrapolation_titles()}.items():
         records = per_encoding(evals, lambda x, kind=kind: [r for r in x.get("extrapolate", []) if r["kind"] == kind])
@@ -309,6 +350,8 @@ def extrapolation_sections(
         rounded = any(shape[f].endswith("*") for f in factors)
         note = EXTRAPOLATION_NOTE + (" `*`: size rounded to the nearest multiple of the patch size." if rounded else "")
         table = markdown_table(header, body, "ll" + "r" * len(factors))
+        if reference in records and len(records) > 1:
+            table += "\n\n" + paired_extrapolation_table(evals, kind, reference, factors, header[2:])
         sections.append(_section(f"Resolution extrapolation: {title}", note, table, name, f"{kind} extrapolation"))
     return sections
 
@@ -443,7 +486,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
     evals = _evaluations(root, results.main_runs())
     parts += [
         shuffle_section(evals, root, chance_level(results)),
-        *extrapolation_sections(evals, root, chance_level(results)),
+        *extrapolation_sections(evals, root, chance_level(results), rows[0].reference if rows else None),
         length_section(evals, root),
         fraction_section(results, root),
         inspect.section(root),
