@@ -86,8 +86,8 @@ def test_nonfinite_steps_can_be_skipped_explicitly(tmp_path):
 
 def test_ab_table_marks_diverged_runs(tmp_path, capsys):
     out = tmp_path / "ab"
-    args = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--out", str(out), "--evaluate", "none",
-            "--jobs", "1"]
+    args = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--out", str(out), "--evaluate", "none"]
+    args += ["--jobs", "1"]
     results = ab.main([*args, "--lr", "1e3", "--encodings", "axial-rope,rope-mixed"])
     rows = [line for line in results.table.splitlines() if line.startswith(("| axial-rope |", "| rope-mixed |"))]
     assert len(rows) == 2 and all(" | diverged (s0) | — | — | — | — | " in row for row in rows)  # no accuracy
@@ -299,8 +299,8 @@ def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkey
 
 def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ab"
-    args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8",
-            "--jobs", "1"]  # the Ctrl-C hook is patched into this process
+    args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8"]
+    args += ["--jobs", "1"]  # the Ctrl-C hook is patched into this process
     monkeypatch.setattr(ab, "train", lambda config, *a, **k: train(config, *a, **k, hooks=[ctrl_c(config, 20)]))
     with pytest.raises(KeyboardInterrupt):
         ab.main(args)

@@ -50,12 +50,16 @@ def test_report_has_tables_paired_tests_and_existing_plots(vision_run):
 
 def test_extrapolation_is_paired_with_the_reference_seed_by_seed():
     def evaluation(seed, *accuracies):
-        records = [dict(kind="canvas", mode="index", factor=f, accuracy=a) for f, a in zip((1.0, 2.0), accuracies)]
+        records = [
+            dict(kind="canvas", mode="index", factor=f, accuracy=a) for f, a in zip((1.0, 2.0), accuracies, strict=True)
+        ]
         return {"seed": seed, "extrapolate": records}
 
     evals = {
-        "rope-mixed": [evaluation(s, 1.0, a) for s, a in zip(range(5), (0.5, 0.4, 0.6, 0.3, 0.5))],
-        "liere8": [evaluation(s, 1.0, a) for s, a in zip((4, 3, 2, 1, 0), (0.9, 0.2, 0.7, 0.8, 0.6))],  # any order
+        "rope-mixed": [evaluation(s, 1.0, a) for s, a in zip(range(5), (0.5, 0.4, 0.6, 0.3, 0.5), strict=True)],
+        "liere8": [
+            evaluation(s, 1.0, a) for s, a in zip((4, 3, 2, 1, 0), (0.9, 0.2, 0.7, 0.8, 0.6), strict=True)
+        ],  # any order
     }
     table = report.paired_extrapolation_table(evals, "canvas", "rope-mixed", [1.0, 2.0], ["1x", "2x"])
     row = next(line for line in table.splitlines() if line.startswith("| liere8 | index |"))
