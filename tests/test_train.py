@@ -78,6 +78,17 @@ def test_bad_config_names_the_argument():
         preset_config("huge", "arrow")
 
 
+def test_presets_pick_the_weight_init_and_it_can_be_overridden():
+    assert preset_config("cpu", "arrow").model_options["weight_init"] == "xavier"
+    assert "weight_init" not in preset_config("gpu", "arrow").model_options  # the models' timm default
+    assert "weight_init" not in preset_config("cpu", "austen").model_options  # the LM keeps timm's init
+    old = preset_config("cpu", "arrow", weight_init="trunc_normal")
+    assert (
+        old.model_options["weight_init"] == "trunc_normal"
+        and old.trajectory() != preset_config("cpu", "arrow").trajectory()
+    )
+
+
 def test_step_hooks_add_per_step_metrics(tmp_path):
     config = preset_config("smoke", "digits", encoding="liere8", steps=6, eval_every=6)
     seen = []

@@ -10,6 +10,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from models.blocks import WEIGHT_INITS
 from train import cli, data
 from train.loop import train
 from train.presets import PRESETS, preset_config
@@ -33,6 +34,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the preset's number of optimizer steps")
     p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
     p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument(
+        "--weight-init",
+        choices=WEIGHT_INITS,
+        help="override the linear-layer init (cpu and smoke ViTs: xavier; otherwise trunc_normal)",
+    )
     p.add_argument("--eval-every", type=int, help="override: evaluate on val every N steps")
     p.add_argument("--ckpt-every", type=int, help="override: checkpoint every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -55,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_init=args.weight_init,
         eval_every=args.eval_every,
         ckpt_every=args.ckpt_every,
         compile=args.compile or None,

@@ -138,8 +138,9 @@ def default_patch(spatial: tuple[int, ...], max_grid: int) -> tuple[int, ...]:
     return tuple(next(p for p in range(1, s + 1) if s % p == 0 and s // p <= max_grid) for s in spatial)
 
 
-def preset_config(preset: str, task: str, **overrides: Any) -> RunConfig:
-    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored).
+def preset_config(preset: str, task: str, weight_init: str | None = None, **overrides: Any) -> RunConfig:
+    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored)
+    and ``weight_init`` the model's init scheme (``models.blocks.WEIGHT_INITS``).
 
     Image patch sizes are chosen later, from the loaded data's shape (``patch_size`` in ``model_options``
     when the preset or the dataset fixes it: ``train.data.model_defaults``, e.g. the arrow task's cell size).
@@ -149,6 +150,8 @@ def preset_config(preset: str, task: str, **overrides: Any) -> RunConfig:
     p = PRESETS[preset]
     data_options = dict(p.data.get(task, {}))
     model_options = dict(p.lm if is_text(task) else p.vit) | data.model_defaults(task, data_options)
+    if weight_init is not None:
+        model_options["weight_init"] = weight_init
     fields = dict(task=task, data_options=data_options, model_options=model_options, max_grid=p.max_grid, **p.training)
     fields |= {k: v for k, v in overrides.items() if v is not None}
     if "warmup_steps" not in overrides:  # keep the preset's warmup share when only the step budget changes
