@@ -88,3 +88,17 @@ def test_metrics_log_commutator_and_cli_writes_section(tmp_path, capsys):
 def test_bad_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match="neither results.json"):
         inspect.write(tmp_path)
+
+
+def test_commutator_is_set_against_extrapolation_run_by_run(tmp_path):
+    records = [dict(kind="canvas", mode=m, factor=f, accuracy=a) for m, f, a in
+               (("index", 1.0, 1.0), ("index", 2.0, 0.7), ("stretch", 2.0, 0.9), ("index", 1.5, 0.8))]  # fmt: skip
+    (tmp_path / "evaluation.json").write_text(json.dumps({"extrapolate": records}))
+    assert inspect.largest_factor_accuracies(tmp_path) == {"canvas 2x": 0.7}  # largest factor, index coordinates
+    assert inspect.largest_factor_accuracies(tmp_path / "missing") == {}
+    per_run = [(f"r{i}", comm, {"canvas 2x": acc}) for i, (comm, acc) in enumerate(((0.0, 0.9), (0.02, 0.6),
+                                                                                     (0.05, 0.5), (0.09, 0.2)))]  # fmt: skip
+    table = inspect.correlation_table(per_run)
+    assert "canvas 2x: rho -1.00 (p " in table and "4 runs" in table  # perfectly anti-ordered
+    assert "| r3 | 0.09 | 20.0 |" in table
+    assert inspect.correlation_table(per_run[:2]) is None and inspect.correlation_table([("r", 0.1, {})] * 3) is None

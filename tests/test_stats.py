@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import scipy.stats
 
-from train.stats import bootstrap_ci, mcnemar_test, sign_flip_test
+from train.stats import bootstrap_ci, mcnemar_test, sign_flip_test, spearman
 
 
 def test_bootstrap_ci_contains_mean_and_matches_scipy() -> None:
@@ -47,3 +47,18 @@ def test_mcnemar_matches_scipy_binomial() -> None:
     assert mcnemar_test(a, a) == 1.0
     with pytest.raises(ValueError, match="same examples"):
         mcnemar_test([True], [True, False])
+
+
+def test_spearman_matches_scipy_with_ties_and_flags_constant_input() -> None:
+    a = [0.02, 0.09, 0.05, 0.05, 0.07, 0.0, 0.08, 0.03]
+    b = [1.0, 0.46, 0.97, 0.87, 0.52, 1.0, 0.78, 0.82]
+    rho, p = spearman(a, b)
+    reference = scipy.stats.spearmanr(a, b)
+    assert rho == pytest.approx(reference.statistic, abs=1e-12)
+    exact = scipy.stats.permutation_test((b,), lambda y: scipy.stats.spearmanr(a, y).statistic,
+                                         permutation_type="pairings", n_resamples=50_000, random_state=0).pvalue  # fmt: skip
+    assert p == pytest.approx(exact, abs=0.01)  # Monte-Carlo permutation p-values agree
+    assert spearman([1, 2, 3, 4], [2, 4, 6, 8])[0] == pytest.approx(1.0)
+    assert all(v != v for v in spearman([1, 1, 1], [1, 2, 3]))  # NaN rho and p: no ranking on one side
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        spearman([1, 2], [1, 2])

@@ -34,7 +34,9 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from train import checkpoint
+from train import run_dir as layout
 from train.plots import read_jsonl
+from train.stats import spearman
 
 OUTPUT = "inspect.md"
 
@@ -195,16 +197,59 @@ def _fmt(values: Tensor) -> str:
     return f"{float(values.min()):.3g} / {float(values.median()):.3g} / {float(values.max()):.3g}"
 
 
+def largest_factor_accuracies(folder: Path) -> dict[str, float]:
+    """Per extrapolation kind in the run's ``evaluation.json``: ``"<kind> <factor>x"`` -> test accuracy at the
+    largest factor with ``index`` coordinates (empty without evaluations)."""
+    path = folder / layout.EVALUATION
+    records = layout.read_json(path).get("extrapolate", []) if path.is_file() else []
+    largest: dict[str, dict[str, Any]] = {}
+    for record in (r for r in records if r["mode"] == "index"):
+        if record["kind"] not in largest or record["factor"] > largest[record["kind"]]["factor"]:
+            largest[record["kind"]] = record
+    return {f"{kind} {r['factor']:g}x": r["accuracy"] for kind, r in largest.items()}
+
+
+def correlation_table(per_run: Sequence[tuple[str, float, dict[str, float]]]) -> str | None:
+    """Mean commutator against extrapolation accuracy, run by run, with Spearman's rho (permutation p) per
+    extrapolation column over the runs that have it; None with fewer than 3 such runs."""
+    columns = sorted({c for _, _, accuracies in per_run for c in accuracies})
+    if not columns or len(per_run) < 3:
+        return None
+    rows = [
+        f"| {name} | {comm:.3g} | " + " | ".join(f"{100 * acc[c]:.1f}" if c in acc else "—" for c in columns) + " |"
+        for name, comm, acc in per_run
+    ]
+    found = []
+    for column in columns:
+        pairs = [(comm, acc[column]) for _, comm, acc in per_run if column in acc]
+        if len(pairs) >= 3:
+            rho, p = spearman(*zip(*pairs, strict=True))
+            found.append(f"{column}: rho {rho:.2f} (p {p:.2g}, {len(pairs)} runs)")
+    header = "| run | mean commutator | " + " | ".join(f"{c} (%, index)" for c in columns) + " |"
+    return "\n".join(
+        [
+            "Mean commutator (over layers, heads and axis pairs) against extrapolation accuracy, per run. Spearman "
+            "rank correlation across these runs: " + ("; ".join(found) or "too few runs") + ".",
+            "",
+            header,
+            "|---|---:|" + "---:|" * len(columns),
+            *rows,
+        ]
+    )
+
+
 def section(root: str | Path) -> str | None:
     """Inspect every run under ``root`` (PNGs written there); the markdown section, or None if no run has
     generators."""
     root = Path(root)
-    rows, figures, logs = [], [], []
+    rows, figures, logs, per_run = [], [], [], []
     for name, folder in _runs(root):
         info = inspect_model(checkpoint.load_model(folder / checkpoint.LAST))
         if info is None:
             continue
         figures.append(plot_model(info, name, root / f"inspect_{name}.png").name)
+        if info["pairs"]:
+            per_run.append((name, float(info["commutator"].mean()), largest_factor_accuracies(folder)))
         if (folder / "metrics.jsonl").is_file():
             logs.append((name, read_jsonl(folder / "metrics.jsonl")))
         pairs = ", ".join(f"axes {a}-{b}" for a, b in info["pairs"])
@@ -225,6 +270,7 @@ def section(root: str | Path) -> str | None:
         "exact mean of `<R(p) q, R(p') q>` over random isotropic `q`) of the centre query and of the corner query.",
         "| run | layer | head | commutator | frequencies per axis | invariance error |\n|---|---:|---:|---|---|---:|\n"
         + "\n".join(rows),
+        *([table] if (table := correlation_table(per_run)) else []),
         *(f"![{f}]({f})" for f in figures),
     ]
     if steps is not None:

@@ -94,3 +94,45 @@ def mcnemar_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n with ties given their average rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    return cov / norm if norm > 0 else float("nan")
+
+
+def spearman(a: Sequence[float], b: Sequence[float], permutations: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Spearman rank correlation of paired values and its two-sided permutation p-value: ``(rho, p)``.
+
+    ``p`` is the share of ``permutations`` seeded shuffles of ``b`` whose |rho| reaches the observed one
+    (counting the observed pairing, so never 0). ``rho`` is NaN when either side is constant.
+    """
+    a, b = _check_values(a, "a"), _check_values(b, "b")
+    if len(a) != len(b) or len(a) < 3:
+        raise ValueError(f"a and b must be paired with at least 3 pairs, got {len(a)} and {len(b)}")
+    ra, rb = _ranks(a), _ranks(b)
+    rho = _pearson(ra, rb)
+    if math.isnan(rho):
+        return rho, float("nan")
+    rng, shuffled, extreme = random.Random(seed), list(rb), 1
+    for _ in range(permutations):
+        rng.shuffle(shuffled)
+        extreme += abs(_pearson(ra, shuffled)) >= abs(rho) - 1e-12
+    return rho, extreme / (permutations + 1)
