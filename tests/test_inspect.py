@@ -96,8 +96,8 @@ def test_commutator_is_set_against_extrapolation_run_by_run(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps({"extrapolate": records}))
     assert inspect.largest_factor_accuracies(tmp_path) == {"canvas 2x": 0.7}  # largest factor, index coordinates
     assert inspect.largest_factor_accuracies(tmp_path / "missing") == {}
-    per_run = [(f"r{i}", comm, {"canvas 2x": acc}) for i, (comm, acc) in enumerate(((0.0, 0.9), (0.02, 0.6),
-                                                                                     (0.05, 0.5), (0.09, 0.2)))]  # fmt: skip
+    pairs = ((0.0, 0.9), (0.02, 0.6), (0.05, 0.5), (0.09, 0.2))
+    per_run = [(f"r{i}", comm, {"canvas 2x": acc}) for i, (comm, acc) in enumerate(pairs)]
     table = inspect.correlation_table(per_run)
     assert "canvas 2x: rho -1.00 (p " in table and "4 runs" in table  # perfectly anti-ordered
     assert "| r3 | 0.09 | 20.0 |" in table

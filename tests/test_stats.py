@@ -55,9 +55,11 @@ def test_spearman_matches_scipy_with_ties_and_flags_constant_input() -> None:
     rho, p = spearman(a, b)
     reference = scipy.stats.spearmanr(a, b)
     assert rho == pytest.approx(reference.statistic, abs=1e-12)
-    exact = scipy.stats.permutation_test((b,), lambda y: scipy.stats.spearmanr(a, y).statistic,
-                                         permutation_type="pairings", n_resamples=50_000, random_state=0).pvalue  # fmt: skip
-    assert p == pytest.approx(exact, abs=0.01)  # Monte-Carlo permutation p-values agree
+    statistic = lambda y: scipy.stats.spearmanr(a, y).statistic  # noqa: E731
+    exact = scipy.stats.permutation_test(
+        (b,), statistic, permutation_type="pairings", n_resamples=50_000, random_state=0
+    )
+    assert p == pytest.approx(exact.pvalue, abs=0.01)  # Monte-Carlo permutation p-values agree
     assert spearman([1, 2, 3, 4], [2, 4, 6, 8])[0] == pytest.approx(1.0)
     assert all(v != v for v in spearman([1, 1, 1], [1, 2, 3]))  # NaN rho and p: no ranking on one side
     with pytest.raises(ValueError, match="at least 3 pairs"):
