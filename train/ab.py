@@ -1,6 +1,6 @@
 """A/B runs: train one model with several position encodings under identical seeds, data and budget.
 
-    python -m train.ab                                   # arrow task, 6 encodings, cpu preset (~7 min on a 2-core CPU)
+    python -m train.ab                                   # arrow task, 6 encodings, cpu preset (~4 min on 2 cores)
     python -m train.ab --task austen --preset gpu --seeds 0,1,2
     python -m train.ab --seeds 0-2 --data-fractions 0.1,0.3,1.0 --reference rope-mixed
     torchrun --nproc_per_node=8 -m train.ab --task cifar100 --preset paper --out runs/c100
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
         default="cpu",
         choices=sorted(PRESETS),
         help="model size, data size and budget: smoke (seconds, tests), cpu (default: tiny ViT, 48 px arrow,\n"
-        "~7 min on a 2-core CPU), gpu (ViT-S-like, 108 px arrow), paper (ViT-B, 108 px arrow, 40k steps)",
+        "~4 min on an idle 2-core CPU), gpu (ViT-S-like, 108 px arrow), paper (ViT-B, 108 px arrow, 40k steps)",
     )
     p.add_argument("--seeds", default="0", help="training seeds: '0,1,2', a range '0-4', or one seed (default: 0)")
     p.add_argument(
