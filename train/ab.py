@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from models.blocks import WEIGHT_INITS
-from train import checkpoint, cli, data, evaluate, machine, plots, report
+from train import checkpoint, cli, data, evaluate, loop, machine, plots, report
 from train import run_dir as layout
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
@@ -333,6 +333,7 @@ _worker_task: Task | None = None
 def _start_worker(task: Task, threads: int) -> None:
     global _worker_task
     torch.set_num_threads(threads)
+    loop.BARS = False  # progress lines, not several tqdm bars fighting over one terminal
     _worker_task = task
 
 

@@ -32,8 +32,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         default="auto",
-        help="torch CPU threads: a number, or auto (idle cores: cores minus the load average;\n"
-        "an explicit OMP_NUM_THREADS is kept). Default: auto",
+        help="torch CPU threads per run: a number, or auto (python -m train: the idle cores, cores minus the\n"
+        "load average; train.ab: 1 per run, see --jobs; an explicit OMP_NUM_THREADS is kept). Default: auto",
     )
     p.add_argument(
         "--on-nonfinite",

@@ -40,6 +40,7 @@ from train.tasks import Task, autocast, load_task
 
 TIMING_WARMUP = 5  # first steps of a process left out of the mean step time (allocation, compilation)
 PROGRESS_EVERY_S = 30.0  # progress line interval when stderr is not a terminal (no progress bar)
+BARS = True  # tqdm bars on a terminal; off in train.ab worker processes, whose bars would interleave
 DDP_TIMEOUT_S = 600.0  # default process-group timeout (torch's own default is 30 minutes)
 ON_NONFINITE = ("stop", "skip")
 
@@ -217,7 +218,7 @@ class Progress:
 
     def __init__(self, config: RunConfig, start: int, enabled: bool) -> None:
         self.name, self.total, self.start = f"{config.task} {config.encoding} s{config.seed}", config.steps, start
-        tty = sys.stderr.isatty()
+        tty = BARS and sys.stderr.isatty()
         self.bar = tqdm(
             total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name, dynamic_ncols=True
         )
