@@ -10,7 +10,6 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from models.blocks import WEIGHT_INITS
 from train import cli, data
 from train.loop import train
 from train.presets import PRESETS, preset_config
@@ -31,14 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="training seed: init, data order, dropout (default: 0)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, summary.json)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--steps", type=int, help="override the preset's number of optimizer steps")
-    p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
-    p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
-    p.add_argument(
-        "--weight-init",
-        choices=WEIGHT_INITS,
-        help="override the linear-layer init (cpu and smoke ViTs: xavier; otherwise trunc_normal)",
-    )
+    cli.add_preset_overrides(p)
     p.add_argument("--eval-every", type=int, help="override: evaluate on val every N steps")
     p.add_argument("--ckpt-every", type=int, help="override: checkpoint every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -58,10 +50,7 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         encoding=args.encoding,
         seed=args.seed,
         device=args.device,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_init=args.weight_init,
+        **cli.preset_overrides(args),
         eval_every=args.eval_every,
         ckpt_every=args.ckpt_every,
         compile=args.compile or None,

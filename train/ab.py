@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from models.blocks import WEIGHT_INITS
 from train import checkpoint, cli, data, evaluate, loop, machine, plots, report
 from train import run_dir as layout
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
@@ -110,14 +109,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto (cuda if available)"
     )
-    p.add_argument("--steps", type=int, help="override the preset's optimizer steps")
-    p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
-    p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
-    p.add_argument(
-        "--weight-init",
-        choices=WEIGHT_INITS,
-        help="override the linear-layer init (cpu and smoke ViTs: xavier; otherwise trunc_normal)",
-    )
+    cli.add_preset_overrides(p)
     p.add_argument(
         "--eval-samples", type=int, help="override the preset's val/test examples (tokens for text) per evaluation"
     )
@@ -248,10 +240,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         args.task,
         encoding=split_encoding(encodings[0])[0],
         device=args.device,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_init=args.weight_init,
+        **cli.preset_overrides(args),
         compile=args.compile or None,
         eval_samples=args.eval_samples,
     )

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from models.blocks import WEIGHT_INITS
 from train import machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
@@ -25,6 +26,23 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 def add_common_options(p: argparse.ArgumentParser) -> None:
     """``--debug`` for every command."""
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+
+def add_preset_overrides(p: argparse.ArgumentParser) -> None:
+    """The preset overrides shared by ``train`` and ``train.ab`` (read back by ``preset_overrides``)."""
+    p.add_argument("--steps", type=int, help="override the preset's number of optimizer steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's global batch size")
+    p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument(
+        "--weight-init",
+        choices=WEIGHT_INITS,
+        help="override the linear-layer init (cpu and smoke ViTs: xavier; otherwise trunc_normal)",
+    )
+
+
+def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``preset_config`` keyword arguments from ``add_preset_overrides``' options (None: keep the preset's)."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_init": args.weight_init}
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
