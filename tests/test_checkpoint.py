@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from train.checkpoint import CheckpointError, load_model
 from train.loop import train
@@ -65,7 +66,16 @@ def _config(**changes):
     return preset_config("smoke", "digits", **(base | changes))
 
 
-def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Train in this process with the 1 thread of the reference runs (``_train``), so weights compare bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, tmp_path, capsys, one_thread):
     run = tmp_path / "run"
     shutil.copytree(runs / "crashed", run)
     last, prev = run / "last.pt", run / "prev.pt"
