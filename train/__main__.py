@@ -18,7 +18,10 @@ from train.summaries import RunSummary
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m train",
+        description=__doc__.split("\n\n")[0],
+        epilog=cli.EXIT_STATUSES,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument(
         "--task", default=data.DEFAULT_DATASET, help="dataset (`python -m train.data list`; default: %(default)s)"
@@ -35,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, help="override: checkpoint every N steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument(
+        "--restart", action="store_true", help="train again from step 0 in --out, replacing the run files there"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     cli.add_run_options(p)
     p.add_argument("--die-at-step", type=int, help=argparse.SUPPRESS)  # debugging: SIGKILL after this step
@@ -56,7 +62,10 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         compile=args.compile or None,
     )
     cli.set_threads(args)
-    summary = train(config, args.out, resume=args.resume, die_at_step=args.die_at_step, **cli.train_options(args))
+    summary = train(
+        config, args.out, resume=args.resume, restart=args.restart, die_at_step=args.die_at_step,
+        **cli.train_options(args),
+    )  # fmt: skip
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
     print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary

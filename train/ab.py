@@ -89,7 +89,10 @@ def run_name(encoding: str, seed: int, fraction: float = 1.0) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.ab", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m train.ab",
+        description=__doc__.split("\n\n")[0],
+        epilog=cli.EXIT_STATUSES,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument("--task", default=data.DEFAULT_DATASET, help=f"dataset, one of:\n{data.help_lines()}")
     p.add_argument(

@@ -11,7 +11,6 @@ from a corrupt ``last.pt`` to a verified ``prev.pt``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.run_dir import LAST, PREV, tmp_path, warn
+from models.registry import ModelSpecError, build_model, check_spec
+from train.run_dir import LAST, PREV, tmp_path, warn, writing
 
 FORMAT_VERSION = 2  # 2 adds "checksum"; version 1 checkpoints (no checksum) still load
 READABLE_VERSIONS = (1, 2)
@@ -121,18 +121,20 @@ def bundle(config: dict[str, Any], model_spec: dict[str, Any], **state: Any) -> 
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically; an existing ``path`` becomes ``prev.pt`` in the same folder."""
+    """Write ``state`` to ``path`` atomically; an existing ``path`` becomes ``prev.pt`` in the same folder.
+    ``WriteFailed`` (naming ``path`` and the cause, e.g. no space left) when it cannot, leaving ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, path.with_name(PREV))
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if path.exists():
+                os.replace(path, path.with_name(PREV))
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -168,6 +170,10 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"checkpoint {path} is corrupt: its config does not match its stored hash")
     if state["format_version"] >= 2 and state.get("checksum") != checksum(state):
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match its stored checksum")
+    try:
+        check_spec(state["model_spec"])
+    except ModelSpecError as err:
+        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
     return state
 
 
@@ -222,14 +228,9 @@ def load_state_dict(path: str | Path, module: nn.Module, state_dict: dict[str, A
         raise CheckpointError(f"checkpoint {path}: the {what} state does not fit this run: {err}") from err
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from ``{"class": "package.module.Class", "kwargs": {...}}`` (stored in every checkpoint)."""
-    module_name, _, class_name = spec["class"].rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)(**spec["kwargs"])
-
-
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a checkpoint, rebuilt from its stored spec and weights, in eval mode."""
+    """The trained model of a checkpoint, rebuilt from its stored spec (checked by ``read`` against the allow-list
+    of ``models.registry``) and weights, in eval mode."""
     state = read(path, map_location)
     model = build_model(state["model_spec"])
     load_state_dict(path, model, state["model"], "model")

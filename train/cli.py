@@ -1,8 +1,10 @@
 """What every ``python -m train...`` command does with errors: one line naming the problem and the fix.
 
-Usage errors (bad options, wrong or busy folders, unusable checkpoints) exit with status 2, a run that
-failed (divergence, a stalled DDP rank) with status 1; anything else is a bug and keeps its traceback.
-``--debug`` shows the traceback of every error.
+Exit statuses (``EXIT_STATUSES``, shown in ``--help``): 1 a run failed (divergence, a stalled DDP rank),
+2 a usage error (bad options, wrong or busy folders, unusable or refused checkpoints), 3 a file could not be
+written (disk full, file too large: the last good checkpoint is kept, ``--resume`` continues once there is
+space), 130 interrupted. Anything else is a bug and keeps its traceback. ``--debug`` shows the traceback of
+every error.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from models.blocks import WEIGHT_INITS
 from train import machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
+from train.run_dir import WriteFailed
 
 USAGE_ERRORS = (ValueError, CheckpointError, FileExistsError, FileNotFoundError)  # RunFolderError is a ValueError
 RUN_FAILURES = (Diverged, RankTimeout)
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE, EXIT_FAILED, EXIT_WRITE, EXIT_INTERRUPTED = 2, 1, 3, 130
+EXIT_STATUSES = (
+    "exit status: 0 done; 1 the run failed (diverged, a DDP rank stalled); 2 usage error (options, folders,\n"
+    "checkpoints); 3 a file could not be written (e.g. disk full: the last good checkpoint is kept, --resume\n"
+    "continues once there is space); 130 interrupted. --debug shows the traceback of an error."
+)
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -88,13 +96,14 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         main(args)
-    except (*USAGE_ERRORS, *RUN_FAILURES) as err:
+    except (*USAGE_ERRORS, *RUN_FAILURES, WriteFailed) as err:
         if "--debug" in args:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_FAILED if isinstance(err, RUN_FAILURES) else EXIT_USAGE)
+        code = EXIT_WRITE if isinstance(err, WriteFailed) else EXIT_USAGE
+        sys.exit(EXIT_FAILED if isinstance(err, RUN_FAILURES) else code)
     except KeyboardInterrupt:
         if "--debug" in args:
             raise
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

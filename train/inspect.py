@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from train import checkpoint
 from train import run_dir as layout
 from train.plots import read_jsonl
 from train.stats import spearman
+from train.summaries import AbResults
 
 OUTPUT = "inspect.md"
 
@@ -184,13 +184,14 @@ def plot_commutator_steps(runs: Sequence[tuple[str, list[dict[str, Any]]]], path
 
 def _runs(root: Path) -> list[tuple[str, Path]]:
     """``(name, run folder)`` pairs: every run of an A/B folder that left a checkpoint, or the folder itself."""
-    results = root / "results.json"
-    if results.is_file():
-        runs = [(r["run_dir"], root / r["run_dir"]) for r in json.loads(results.read_text())["runs"]]
+    if (root / layout.RESULTS_JSON).is_file():
+        runs = [(r.run_dir, root / r.run_dir) for r in AbResults.load(root).runs]  # folders inside root only
         return [(name, folder) for name, folder in runs if (folder / checkpoint.LAST).is_file()]  # diverged: none
     if (root / checkpoint.LAST).is_file():
         return [(root.name, root)]
-    raise ValueError(f"run folder {root}: neither results.json (train.ab) nor {checkpoint.LAST} (one run) found")
+    raise layout.RunFolderError(
+        f"run folder {root}: neither {layout.RESULTS_JSON} (train.ab) nor {checkpoint.LAST} (one run) found"
+    )
 
 
 def _fmt(values: Tensor) -> str:
@@ -289,16 +290,17 @@ def write(root: str | Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
+    from train import cli  # not at the top: train.cli imports train.loop, which imports this module
+
     p = argparse.ArgumentParser(prog="python -m train.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a train.ab folder (results.json) or one run's folder (last.pt)")
-    args = p.parse_args(argv)
-    try:
-        path = write(args.run_dir)
-    except ValueError as err:
-        p.error(str(err))  # exits with the usage line and status 2
+    cli.add_common_options(p)
+    path = write(p.parse_args(argv).run_dir)
     print(f"inspection: {path}" if path else "no run with learned generators (LieRE, RoPE-Mixed, STRING, ComRoPE)")
     return path
 
 
 if __name__ == "__main__":
-    main()
+    from train import cli
+
+    cli.run(main)

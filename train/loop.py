@@ -159,7 +159,7 @@ class MetricsLog:
         """Append one record (must contain ``step``)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with layout.writing(self.path), open(self.path, "a") as f:
             f.write(json_line(record))
         if self.writer is not None:
             for key, value in record.items():
@@ -306,19 +306,61 @@ class Run:
         self.saved = (str(path), self.step)
 
 
-def check_folder(run_dir: Path, resume: bool) -> None:
-    """Refuse (before any data is loaded) to start a fresh run in a folder that holds one."""
-    if not resume and layout.has_run(run_dir):
+def check_folder(run_dir: Path, resume: bool, restart: bool = False) -> None:
+    """Refuse (before any data is loaded) to start a fresh run in a folder that holds one, unless ``restart``."""
+    if resume and restart:
+        raise ValueError("--resume continues the run in --out and --restart starts it over: pass one of them")
+    if not (resume or restart) and layout.has_run(run_dir):
         found = next(n for n in (layout.LAST, layout.PREV, layout.SUMMARY, layout.METRICS) if (run_dir / n).exists())
         raise layout.RunExistsError(
-            f"{run_dir} already holds a run ({found}); pass --resume to continue it, or choose another --out"
+            f"{run_dir} already holds a run ({found}); pass --resume to continue it, --restart to train it again "
+            "from step 0 (replacing its files), or choose another --out"
+        )
+
+
+def find_checkpoint(
+    config: RunConfig, run_dir: Path, resume: bool, device: torch.device, world: int
+) -> tuple[Path, dict[str, Any]] | None:
+    """With ``resume``: the newest valid checkpoint of ``run_dir``, checked against ``config`` (no data needed, so
+    a bad or foreign checkpoint is refused before the data set loads). None for a fresh run."""
+    found = checkpoint.find_valid(run_dir, map_location=device) if resume else None
+    if found is not None:
+        checkpoint.check_config(*found, run_guard(config, world))
+    elif resume:
+        refuse_lost_run(config, run_dir)
+    return found
+
+
+def refuse_lost_run(config: RunConfig, run_dir: Path) -> None:
+    """``--resume`` found no checkpoint: refuse when the folder shows there was one (``summary.json``, or metrics
+    logged at or past the first checkpoint step), rather than silently start over and overwrite the run's files.
+    A run stopped before its first checkpoint starts over, saying so."""
+    summary, metrics = run_dir / layout.SUMMARY, run_dir / layout.METRICS
+    logged = max((r.get("step", 0) for r in layout.read_jsonl(metrics)), default=0) if metrics.is_file() else 0
+    if summary.exists() or logged >= config.ckpt_every:
+        what = layout.SUMMARY if summary.exists() else f"{layout.METRICS} up to step {logged}"
+        raise layout.RunFolderError(
+            f"{run_dir} holds a run ({what}) but no {layout.LAST} or {layout.PREV} to resume it from; resuming would "
+            "start it over at step 0 and overwrite its files. Restore its checkpoint, or pass --restart to train it "
+            "again from step 0 (train.ab: delete that run folder), or choose another --out"
+        )
+    if logged:
+        layout.warn(
+            f"{run_dir}: no checkpoint yet ({layout.METRICS} ends at step {logged}, before the first checkpoint at "
+            f"step {config.ckpt_every}); starting the run over from step 0"
         )
 
 
 def restore(
-    config: RunConfig, run_dir: Path, task: Task, resume: bool, device: torch.device, rank: int, world: int
+    config: RunConfig,
+    run_dir: Path,
+    task: Task,
+    found: tuple[Path, dict[str, Any]] | None,
+    device: torch.device,
+    rank: int,
+    world: int,
 ) -> Run:
-    """Build model, optimizer and schedule; with ``resume`` load the newest valid checkpoint of ``run_dir``."""
+    """Build model, optimizer and schedule; load the checkpoint ``found`` (``find_checkpoint``) if any."""
     guard = run_guard(config, world)
     torch.manual_seed(config.seed)
     model = task.build_model().to(device)
@@ -326,11 +368,9 @@ def restore(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
     )
-    found = checkpoint.find_valid(run_dir, map_location=device) if resume else None
     saved: dict[str, Any] = {}
     if found is not None:
         path, state = found
-        checkpoint.check_config(path, state, guard)
         checkpoint.load_state_dict(path, model, state["model"], "model")
         checkpoint.load_state_dict(path, optimizer, state["optimizer"], "optimizer")
         scheduler.load_state_dict(state["scheduler"])
@@ -484,6 +524,7 @@ def train(
     *,
     task: Task | None = None,
     resume: bool = False,
+    restart: bool = False,
     quiet: bool = False,
     on_nonfinite: str = "stop",
     hooks: Sequence[StepHook] = (),
@@ -493,9 +534,11 @@ def train(
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json`` by rank 0).
 
     ``task`` reuses already loaded data (it must match ``config``). With ``resume`` the run continues from
-    ``run_dir``'s newest valid checkpoint (without one it starts fresh); without it, a folder that holds a
-    run is refused. A non-finite loss or gradient raises ``Diverged`` (after writing the diverged summary),
-    or with ``on_nonfinite="skip"`` skips that step. ``hooks`` add per-step metrics (``StepHook``).
+    ``run_dir``'s newest valid checkpoint (without one it starts fresh, unless the folder shows a checkpoint was
+    lost: ``refuse_lost_run``); with ``restart`` the run files in ``run_dir`` are removed and it starts over;
+    with neither, a folder that holds a run is refused. The checkpoint is read and checked before the data loads.
+    A non-finite loss or gradient raises ``Diverged`` (after writing the diverged summary), or with
+    ``on_nonfinite="skip"`` skips that step. ``hooks`` add per-step metrics (``StepHook``).
     ``die_at_step`` SIGKILLs the process after that step (and its checkpoint, if due): a crash for tests.
     """
     if on_nonfinite not in ON_NONFINITE:
@@ -504,26 +547,40 @@ def train(
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device, ddp_timeout)
     if rank == 0:
-        check_folder(run_dir, resume)
+        check_folder(run_dir, resume, restart)
     with layout.RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             layout.clean_temp_files(run_dir)
+            if restart:
+                layout.remove_run_files(run_dir)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
+        found = find_checkpoint(config, run_dir, resume, device, world)
         task = load_task(config) if task is None else task
-        run = restore(config, run_dir, task, resume, device, rank, world)
+        run = restore(config, run_dir, task, found, device, rank, world)
         run.wall_start = started
         try:
             divergence = _loop(run, quiet, on_nonfinite, hooks, die_at_step)
+            summary = finish(run, divergence)
+        except layout.WriteFailed as err:
+            raise _write_error(run, err) from err.__cause__
         except RuntimeError as err:
             if world > 1 and any(word in str(err).lower() for word in ("timed out", "timeout")):
                 raise _timeout_error(run, ddp_timeout) from err
             raise
-        summary = finish(run, divergence)
     if divergence is not None:
         raise Diverged(summary)
     return summary
+
+
+def _write_error(run: Run, err: layout.WriteFailed) -> layout.WriteFailed:
+    """A failed checkpoint or log write, saying what is kept and how to go on."""
+    if run.saved:
+        kept = f"the last good checkpoint, {run.saved[0]} (step {run.saved[1]}), is kept"
+    else:
+        kept = "no checkpoint was written yet"
+    return layout.WriteFailed(f"{err}; {kept}. Free some space, then continue with --resume")
 
 
 def _timeout_error(run: Run, timeout_s: float) -> RankTimeout:

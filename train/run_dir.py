@@ -18,10 +18,12 @@ by the next run that takes the folder's lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,37 @@ class RunExistsError(FileExistsError):
     """A fresh run was asked for in a folder that already holds one."""
 
 
+class WriteFailed(OSError):
+    """A file could not be written (disk full, file too large, no permission); the message names the file and the
+    operating system's cause. The command-line tools exit with status 3 (``train.cli``)."""
+
+
+def os_cause(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: itself, or one in its ``__cause__`` / ``__context__`` chain (torch wraps a
+    failed write in a ``RuntimeError`` such as ``[enforce fail at inline_container.cc] . unexpected pos``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an OS error while writing ``path`` (also one torch wrapped) into ``WriteFailed`` naming the file."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except (OSError, RuntimeError) as err:
+        cause = os_cause(err)
+        if cause is None:
+            raise
+        raise WriteFailed(f"cannot write {path}: {cause.strerror or cause}") from cause
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (something was repaired or skipped; the run goes on)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -56,14 +89,15 @@ def tmp_path(path: Path) -> Path:
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a fsynced temp file and a rename: readers see the old or the new file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -119,6 +153,15 @@ def has_run(path: str | Path) -> bool:
     return any((Path(path) / name).exists() for name in (LAST, PREV, SUMMARY, METRICS))
 
 
+def remove_run_files(path: str | Path) -> list[Path]:
+    """Remove a training run's files from ``path`` (checkpoints, logs, summary, evaluations) to train it again."""
+    found = [Path(path) / name for name in (LAST, PREV, SUMMARY, METRICS, EVALUATION, CORRECT)]
+    found = [file for file in found if file.is_file()]
+    for file in found:
+        file.unlink()
+    return found
+
+
 def clean_temp_files(path: str | Path) -> list[Path]:
     """Remove the temp files of interrupted atomic writes in ``path`` (call it holding the folder's lock)."""
     stale = sorted(Path(path).glob(TMP_GLOB))
@@ -127,7 +170,8 @@ def clean_temp_files(path: str | Path) -> list[Path]:
     return stale
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +206,7 @@ class RunLock:
         if self._create():
             return self
         host, _, pid = self.path.read_text().strip().partition(" ")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
             print(f"note: {self.path} was left by process {pid}, which is gone; taking the folder over", flush=True)
             self.path.unlink(missing_ok=True)
             if self._create():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from train.run_dir import RESULTS_JSON, RunFolderError, read_json
@@ -114,6 +114,14 @@ class AbRun(RunSummary):
         run = _from_dict(cls, data, source)
         if not run.encoding or not run.run_dir:
             raise RunFolderError(f"{source}: an A/B run needs 'encoding' and 'run_dir'")
+        folder = run.run_dir
+        if not isinstance(folder, str) or PurePosixPath(folder).parts != (folder,) or folder == "..":
+            raise RunFolderError(f"{source}: run_dir {run.run_dir!r} must name a folder inside the A/B folder")
+        for name in ("checkpoint", "metrics_log"):
+            path = getattr(run, name)
+            parts = PurePosixPath(path).parts if isinstance(path, str) else ()
+            if path and (parts[:1] != (run.run_dir,) or ".." in parts):
+                raise RunFolderError(f"{source}: {name} {path!r} must be a file inside its run folder {run.run_dir!r}")
         return run
 
 
@@ -161,7 +169,12 @@ class AbResults:
                 f"{folder} has no {RESULTS_JSON}: not a train.ab folder, or its run did not finish "
                 "(continue it with python -m train.ab --out FOLDER --resume)"
             )
-        return cls.from_dict(read_json(path), path)
+        results = cls.from_dict(read_json(path), path)
+        root = Path(folder).resolve()
+        for run in results.runs:
+            if not (Path(folder) / run.run_dir).resolve().is_relative_to(root):
+                raise RunFolderError(f"{path}: run folder {run.run_dir!r} is a link out of {folder}; refused")
+        return results
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from models.registry import build_model
+from models.registry import model_spec as stored_spec
 from train import data
-from train.checkpoint import build_model
 from train.presets import RunConfig, default_patch, is_text
 
 
@@ -87,7 +88,8 @@ class _StepBatches:
 
 @dataclass
 class Task:
-    """A loaded task. ``model_spec`` (``{"class", "kwargs"}``) rebuilds the model, also from a checkpoint."""
+    """A loaded task. ``model_spec`` (``{"model", "kwargs"}``, ``models.registry``) rebuilds the model, also from a
+    checkpoint."""
 
     config: RunConfig
     splits: Any
@@ -204,15 +206,14 @@ def autocast(device: torch.device) -> torch.autocast:
 
 
 def model_spec(config: RunConfig, splits: Any) -> dict[str, Any]:
-    """The model class path and keyword arguments for ``config`` on loaded ``splits``."""
+    """The registered model name and keyword arguments (``models.registry``) for ``config`` on loaded ``splits``."""
     options = dict(config.model_options)
     if is_text(config.task):
-        return {"class": "models.lm.CharLM",
-                "kwargs": dict(vocab_size=len(splits.vocab), encoding=config.encoding, **options)}  # fmt: skip
+        return stored_spec("charlm", vocab_size=len(splits.vocab), encoding=config.encoding, **options)
     image_shape = [int(s) for s in splits.image_shape]
     patch = options.pop("patch_size", None) or list(default_patch(tuple(image_shape[1:]), config.max_grid))
     kwargs = dict(image_shape=image_shape, num_classes=int(splits.num_classes), patch_size=patch, **options)
-    return {"class": "models.vit.ViT", "kwargs": kwargs | {"encoding": config.encoding}}
+    return stored_spec("vit", **kwargs, encoding=config.encoding)
 
 
 def load_task(config: RunConfig, root: str | None = None) -> Task:

@@ -175,7 +175,7 @@ def austen_text(root: Path) -> str:
             novels = download_novels(Path(tmp))
         return {"text": "\n\n".join("\n".join(line or "" for line in novels[name]) for name in NOVELS)}
 
-    return cache.cached(cache.cache_file(root, "austen"), build)["text"]
+    return cache.cached(cache.cache_file(root, "austen"), build, keys=("text",))["text"]
 
 
 def load(root: Path, seed: int, *, fractions: tuple[float, float, float] = TEXT_FRACTIONS) -> TextSplits:

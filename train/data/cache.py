@@ -1,22 +1,27 @@
 """The data cache: generated and converted tensors, one ``.pt`` file per dataset and option set.
 
 The cache lives in ``$LIERE_DATA_DIR``, else ``~/.cache/liere`` (shared by every checkout of the project),
-or wherever a loader's ``root`` says. Files are written atomically (temp file + rename); an unreadable
-file (truncated, corrupt, foreign) is reported by path, deleted and rebuilt.
+or wherever a loader's ``root`` says. Files are written atomically (temp file + rename) with a SHA-256 of
+their content; a file that is unreadable, does not verify, or lacks the entries its loader needs (truncated,
+corrupt, foreign, a folder in its place) is reported by path, removed and rebuilt. Temp files left by killed
+writes on this machine are removed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from train.checkpoint import checksum
 from train.data.splits import ImageSplits, TensorImageDataset
+from train.run_dir import alive, writing
 
 CACHE_VERSION = 1  # bump when a generator or a conversion changes, to invalidate caches
 ENV_VAR = "LIERE_DATA_DIR"
@@ -33,39 +38,89 @@ def cache_file(root: Path, name: str, **key: Any) -> Path:
     return Path(root) / ("_".join(parts).replace("/", "-").replace(" ", "") + ".pt")
 
 
-def read(path: Path) -> dict[str, Any] | None:
-    """The cached dict at ``path``; None if absent, or if unreadable (then it is deleted, saying so on stderr)."""
-    if not path.exists():
+def _note(message: str) -> None:
+    print(f"[data] {message}", file=sys.stderr, flush=True)
+
+
+def temp_file(path: Path) -> Path:
+    """The temp file a write of ``path`` goes through: ``.<name>.<host>.<pid>.tmp`` in the same folder."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Remove the temp files of ``path`` whose writing process (on this machine) is gone; returns them."""
+    stale = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        host, _, pid = tmp.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")
+        if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+    if stale:
+        _note(f"removed {len(stale)} temp file(s) of {path} left by killed writes")
+    return stale
+
+
+def _problem(data: Any, keys: Sequence[str]) -> str | None:
+    """Why a loaded cache ``data`` cannot be used (None: it can)."""
+    if not isinstance(data, dict):
+        return f"holds a {type(data).__name__}, not a dict"
+    if missing := [k for k in keys if k not in data]:
+        return f"lacks {missing}"
+    if "checksum" in data and data["checksum"] != checksum(data):
+        return "does not match its checksum (corrupt)"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read(path: Path, keys: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The cached dict at ``path`` (without its checksum); None if absent, or if unusable: unreadable, not
+    verifying, or lacking one of ``keys`` (then it is removed, saying so on stderr). A file from before
+    checksums is given one."""
+    remove_stale_temp_files(path)
+    if not path.exists() and not path.is_symlink():
         return None
     try:
         data = torch.load(path, weights_only=True)
-        if not isinstance(data, dict):
-            raise ValueError(f"holds a {type(data).__name__}, not a dict")
-        return data
+        problem = _problem(data, keys)
     except Exception as err:  # any unpickling or archive error means the file is not a cache we wrote
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"[data] cache file {path} is unreadable ({type(err).__name__}: {reason[:200]}); rebuilding it",
-              file=sys.stderr, flush=True)  # fmt: skip
-        path.unlink(missing_ok=True)
+        problem = f"is unreadable ({type(err).__name__}: {reason[:200]})"
+    if problem is not None:
+        _note(f"cache file {path} {problem}; rebuilding it")
+        _remove(path)
         return None
+    if "checksum" not in data:
+        _note(f"cache file {path} has no checksum (written by an older version); adding one")
+        try:
+            write(path, data)
+        except OSError as err:  # a read-only shared cache stays usable
+            _note(f"{err}; using the file as it is")
+    return {k: v for k, v in data.items() if k != "checksum"}
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
-    """Save ``data`` to ``path`` atomically (a killed write leaves the old file or none, never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    """Save ``data`` and its checksum to ``path`` atomically (a killed write leaves the old file or none, never
+    half a file); ``WriteFailed`` naming the file when the disk is full."""
+    tmp = temp_file(path)
     try:
-        torch.save(data, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data | {"checksum": checksum(data)}, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
-def cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The dict cached at ``path``, else ``build()``, saved there first."""
-    data = read(path)
+def cached(path: Path, build: Callable[[], dict[str, Any]], keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The dict cached at ``path`` (with at least ``keys``), else ``build()``, saved there first."""
+    data = read(path, keys)
     if data is None:
         data = build()
         write(path, data)
@@ -93,7 +148,8 @@ def generated(
         return {**splits, "source": f"generated:{name}({described})"}
 
     parts = counts.values() if tuple(counts) == SPLITS else (f"{s}{n}" for s, n in counts.items())
-    data = cached(cache_file(root, name, seed=seed, **opts, n="-".join(map(str, parts))), build)
+    path = cache_file(root, name, seed=seed, **opts, n="-".join(map(str, parts)))
+    data = cached(path, build, keys=(*counts, "source"))
     return {split: data[split] for split in counts}, data["source"]
 
 

@@ -62,7 +62,7 @@ def load(root: Path, seed: int, *, val_size: int = 5000, hub: Hub | None = None)
         data = fetch(NAME, root, hub)
     except DatasetUnavailable as err:
         hub_error = str(err)
-        data = cache.cached(cache.cache_file(root, NAME), lambda: _debian(hub_error))
+        data = cache.cached(cache.cache_file(root, NAME), lambda: _debian(hub_error), keys=("train", "test", "source"))
     return official_splits(data, val_size, seed, 10)
 
 

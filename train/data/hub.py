@@ -58,10 +58,11 @@ class Hub:
 
 @dataclass(frozen=True)
 class HubDataset:
-    """A hub repository and how to turn its ``DatasetDict`` into the cached dict."""
+    """A hub repository, how to turn its ``DatasetDict`` into the cached dict, and that dict's entries."""
 
     repo: str
     convert: Callable[[Any], dict[str, Any]]
+    keys: tuple[str, ...] = ("train", "test", "source")
 
 
 def _image_converter(image_column: str, label_column: str, mode: str) -> Callable[[Any], dict[str, Any]]:
@@ -83,7 +84,7 @@ HUB_DATASETS = {
     "fashion-mnist": HubDataset("zalando-datasets/fashion_mnist", _image_converter("image", "label", "L")),
     "cifar10": HubDataset("uoft-cs/cifar10", _image_converter("img", "label", "RGB")),
     "cifar100": HubDataset("uoft-cs/cifar100", _image_converter("img", "fine_label", "RGB")),
-    "shakespeare": HubDataset("karpathy/tiny_shakespeare", _text),
+    "shakespeare": HubDataset("karpathy/tiny_shakespeare", _text, keys=("text", "source")),
 }
 
 
@@ -127,8 +128,8 @@ def _unanswered(endpoint: str, repo: str, timeout: float) -> str | None:
 def fetch(name: str, root: Path, hub: Hub | None = None) -> dict[str, Any]:
     """The cached hub dataset ``name`` (see ``HUB_DATASETS``), downloaded first if need be, within the deadline."""
     hub = hub or Hub.from_env()
-    path, repo = cache.cache_file(root, name), HUB_DATASETS[name].repo
-    data = cache.read(path)
+    path, (repo, keys) = cache.cache_file(root, name), (HUB_DATASETS[name].repo, HUB_DATASETS[name].keys)
+    data = cache.read(path, keys)
     if data is not None:
         return data
     if hub.online is False:
@@ -143,10 +144,9 @@ def fetch(name: str, root: Path, hub: Hub | None = None) -> dict[str, Any]:
     try:
         done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=hub.deadline)
     except subprocess.TimeoutExpired:
-        for partial in path.parent.glob(f"{path.name}*.tmp"):  # the killed child's unfinished cache write
-            partial.unlink(missing_ok=True)
+        cache.remove_stale_temp_files(path)  # the killed child's unfinished cache write
         raise DatasetUnavailable(f"downloading {repo} from {hub.endpoint} took over {hub.deadline:g} s") from None
-    data = cache.read(path)
+    data = cache.read(path, keys)
     if done.returncode != 0 or data is None:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise DatasetUnavailable(f"downloading {repo} from {hub.endpoint} failed: {last}")

@@ -1,0 +1,168 @@
+"""Loading someone else's run folder runs no code: checkpoints name models from an allow-list, run folders
+reference only files inside themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.registry import LEGACY_CLASSES, MODELS, ModelSpecError, build_model, check_spec
+from train import ab, checkpoint, evaluate
+from train import run_dir as layout
+from train.summaries import AbResults
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "liere8-s0"
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ab_folder(tmp_path_factory) -> Path:
+    """A finished smoke A/B folder with one liere8 run (results.json, summary.json, last.pt)."""
+    out = tmp_path_factory.mktemp("sec") / "ab"
+    args = ["--preset", "smoke", "--task", "digits", "--encodings", "liere8", "--steps", "10", "--evaluate", "none"]
+    ab.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--out", str(out)])
+    return out
+
+
+def _tamper(path: Path, spec: dict) -> None:
+    """Put ``spec`` into the checkpoint at ``path`` and recompute its checksum, as an attacker would."""
+    state = torch.load(path, weights_only=True)
+    state["model_spec"] = spec
+    state["checksum"] = checkpoint.checksum(state)
+    torch.save(state, path)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of a file or a folder."""
+    shutil.copytree(src, dst) if src.is_dir() else shutil.copyfile(src, dst)
+    return dst
+
+
+def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(ab_folder, tmp_path):
+    folder = _copy(ab_folder, tmp_path / "ab")
+    marker = tmp_path / "pwned"
+    _tamper(folder / RUN / layout.LAST, {"class": "subprocess.run", "kwargs": {"args": ["touch", str(marker)]}})
+    run = folder / RUN
+    commands = [
+        ("train.evaluate", [folder]),
+        ("train.evaluate", [run]),
+        ("train.inspect", [run]),
+        ("train.report", [folder]),
+        ("train", ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]),
+    ]
+    for module, args in commands:
+        done = _cli(module, *args)
+        assert done.returncode == 2, (module, done.stderr)
+        assert done.stderr.startswith("error: ") and done.stderr.strip().count("\n") == 0, (module, done.stderr)
+        assert "refused model class 'subprocess.run'" in done.stderr and "last.pt" in done.stderr, module
+        assert "[data]" not in done.stdout, module  # refused before the data set loads
+        assert not marker.exists(), module
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"class": "os.system", "kwargs": {"command": "touch {marker}"}}, "refused model class 'os.system'"),
+        ({"model": "subprocess.run", "kwargs": {"args": ["touch", "{marker}"]}}, "refused model 'subprocess.run'"),
+        ({"model": "models.vit.ViT", "kwargs": {}}, "refused model 'models.vit.ViT'"),
+        ({"kwargs": {}}, "needs 'model'"),
+    ],
+)
+def test_unregistered_models_are_refused_before_anything_is_called(ab_folder, tmp_path, spec, needle):
+    marker = tmp_path / "pwned"
+    path = tmp_path / layout.LAST
+    _copy(ab_folder / RUN / layout.LAST, path)
+    _tamper(path, json.loads(json.dumps(spec).replace("{marker}", str(marker))))
+    for load in (checkpoint.read, checkpoint.load_model):
+        with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path} is refused: .*{needle}"):
+            load(path)
+    assert not marker.exists()
+
+
+def _spec(ab_folder: Path) -> dict:
+    return checkpoint.read(ab_folder / RUN / layout.LAST)["model_spec"]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"args": ["touch", "x"]}, r"refused unknown arguments \['args'\]"),
+        ({"num_classes": torch.tensor(10)}, r"refused arguments \['num_classes'\]: values must be plain data"),
+        ({"encoding_options": {"theta": torch.ones(1)}}, r"refused arguments \['encoding_options'\]"),
+    ],
+)
+def test_registered_model_with_bad_arguments_is_refused(ab_folder, tmp_path, change, needle):
+    spec = _spec(ab_folder)
+    path = _copy(ab_folder / RUN / layout.LAST, tmp_path / layout.LAST)
+    _tamper(path, spec | {"kwargs": spec["kwargs"] | change})
+    with pytest.raises(checkpoint.CheckpointError, match=f"is refused: model 'vit': {needle}"):
+        checkpoint.read(path)
+    missing = {k: v for k, v in spec["kwargs"].items() if k != "num_classes"}
+    with pytest.raises(ModelSpecError, match=r"missing arguments \['num_classes'\]"):
+        check_spec({"model": "vit", "kwargs": missing})
+
+
+def test_new_specs_name_registered_models_and_old_class_paths_still_load(ab_folder, tmp_path):
+    spec = _spec(ab_folder)
+    assert spec["model"] == "vit" and set(spec) == {"model", "kwargs"}
+    assert set(LEGACY_CLASSES.values()) == set(MODELS)
+    path = _copy(ab_folder / RUN / layout.LAST, tmp_path / layout.LAST)
+    _tamper(path, {"class": "models.vit.ViT", "kwargs": spec["kwargs"]})  # as written before the registry
+    old, new = checkpoint.load_model(path), checkpoint.load_model(ab_folder / RUN / layout.LAST)
+    assert type(old) is MODELS["vit"]
+    for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    torch.manual_seed(0)
+    fresh = build_model({"model": "charlm", "kwargs": {"vocab_size": 5, "context": 8, "dim": 16, "heads": 1}})
+    assert type(fresh) is MODELS["charlm"]
+
+
+# ---------------------------------------------------------------- run folders reference only their own files
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("run_dir", "../elsewhere", "must name a folder inside the A/B folder"),
+        ("run_dir", "/tmp", "must name a folder inside the A/B folder"),
+        ("run_dir", "..", "must name a folder inside the A/B folder"),
+        ("checkpoint", "../../x/last.pt", "must be a file inside its run folder"),
+        ("metrics_log", "/etc/passwd", "must be a file inside its run folder"),
+    ],
+)
+def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, field, value, needle):
+    folder = _copy(ab_folder, tmp_path / "ab")
+    outside = _copy(ab_folder / RUN, tmp_path / "elsewhere")  # a real run the tampered results point at
+    (outside / layout.EVALUATION).unlink()
+    results = json.loads((folder / layout.RESULTS_JSON).read_text())
+    results["runs"][0][field] = value
+    (folder / layout.RESULTS_JSON).write_text(json.dumps(results))
+    with pytest.raises(layout.RunFolderError, match=needle):
+        AbResults.load(folder)
+    done = _cli("train.evaluate", folder)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+    assert not (outside / layout.EVALUATION).exists()
+
+
+def test_run_folder_linked_out_of_the_ab_folder_is_refused(ab_folder, tmp_path):
+    folder = _copy(ab_folder, tmp_path / "ab")
+    outside = tmp_path / "elsewhere"
+    (folder / RUN).rename(outside)
+    (outside / layout.EVALUATION).unlink()
+    (folder / RUN).symlink_to(outside)
+    with pytest.raises(layout.RunFolderError, match=f"run folder '{RUN}' is a link out of"):
+        evaluate.main([str(folder), "--evaluate", "none"])
+    assert not (outside / layout.EVALUATION).exists()
