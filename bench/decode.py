@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 
 from bench.common import bench_parser, describe, markdown_table, time_ms, write_json
+from liere.factory import default_comparison
 from models import LM_SIZES, CharLM
 
 SIZES = {"tiny": dict(prompt=32, new=48), "char": dict(prompt=128, new=256)}
-ENCODINGS = ("rope", "rope-mixed", "liere8", "rope-basis", "string-cayley", "comrope-ap")  # a few of ROTARY_1D
 COLUMNS = [
     ("encoding", "encoding"),
     ("cached_tok_s", "cached tok/s"),
@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print each row as measured and the table, return (and optionally write) the rows."""
     parser = bench_parser("python -m bench.decode", __doc__.splitlines()[0], list(SIZES), "generate calls")
     parser.set_defaults(repeats=2)
-    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS))
+    parser.add_argument(
+        "--encodings", nargs="+", default=default_comparison(1), help="factory specs (default: the 1D comparison)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or "tiny"

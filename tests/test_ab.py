@@ -68,6 +68,13 @@ def test_unit_suffix_trains_on_unit_coords(tmp_path):
     assert run.model_spec["kwargs"]["unit_coords"] is True
 
 
+def test_spec_with_two_options_is_one_encoding(tmp_path):
+    encodings = "none,liere8:init=uniform,rot_dim=8"
+    results = ab.main([*ARGS, "--encodings", encodings, "--evaluate", "none", "--out", str(tmp_path / "ab")])
+    assert [run.config["encoding"] for run in results.runs] == ["none", "liere8:init=uniform,rot_dim=8"]
+    assert ab.default_encodings("digits") == ["none", "abs", "axial-rope", "rope-mixed", "liere8", "liere64"]
+
+
 def test_parse_seeds():
     assert ab.parse_seeds("0,1,2") == [0, 1, 2] == ab.parse_seeds("0-2")
     assert ab.parse_seeds("7") == [7]

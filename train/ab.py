@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from liere.factory import default_comparison, split_specs
 from train import checkpoint, cli, data, evaluate, loop, machine, plots, report
 from train import run_dir as layout
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
@@ -40,9 +41,6 @@ from train.summaries import AbResults, AbRun, RunSummary
 from train.tasks import Task, load_task, with_encoding
 
 MAX_SEEDS = 1000
-
-IMAGE_ENCODINGS = "none,abs,axial-rope,rope-mixed,liere8,liere64"
-TEXT_ENCODINGS = "rope,rope-mixed,liere8,liere64"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -63,6 +61,11 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: give at least one seed and no duplicates, got {text!r}")
     return seeds
+
+
+def default_encodings(task: str) -> list[str]:
+    """The registry's default comparison (``liere.factory.default_comparison``) for ``task``'s number of axes."""
+    return default_comparison(1 if is_text(task) else 2)
 
 
 def split_encoding(text: str) -> tuple[str, dict[str, Any]]:
@@ -94,9 +97,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=data.DEFAULT_DATASET, help=f"dataset, one of:\n{data.help_lines()}")
     p.add_argument(
         "--encodings",
-        help=f"comma-separated liere factory specs (e.g. liere8, liere64:init=uniform); the first is the\n"
-        f"step-time reference; a suffix @unit trains that one on [0, 1] patch coordinates (ViT unit_coords).\n"
-        f"Default: {IMAGE_ENCODINGS} (text tasks: {TEXT_ENCODINGS})",
+        help=f"liere factory specs separated by commas (e.g. 'axial-rope,liere8:init=uniform,rot_dim=16': an item\n"
+        f"with key=value before any ':' is an option of the spec before it) or by ';'; the first is the step-time\n"
+        f"reference; a suffix @unit trains that one on [0, 1] patch coordinates (ViT unit_coords).\n"
+        f"Default: liere.factory.default_comparison: {','.join(default_comparison(2))} for images,\n"
+        f"{','.join(default_comparison(1))} for text",
     )
     p.add_argument(
         "--preset",
@@ -219,11 +224,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     args = parser().parse_args(argv)
     wall_start = time.perf_counter()
     seeds = parse_seeds(args.seeds)
-    encodings = [
-        e.strip()
-        for e in (args.encodings or (TEXT_ENCODINGS if is_text(args.task) else IMAGE_ENCODINGS)).split(",")
-        if e.strip()
-    ]
+    encodings = default_encodings(args.task) if args.encodings is None else split_specs(args.encodings)
     names = [run_name(e, 0) for e in encodings]
     if not encodings or len(set(names)) != len(names):
         raise ValueError(f"--encodings: give distinct specs (folder names must differ), got {args.encodings!r}")
