@@ -12,6 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from train import markdown as tables
+
 
 def default_size(device: torch.device) -> str:
     return "real" if device.type == "cuda" else "tiny"
@@ -58,9 +60,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
             return "nan" if math.isnan(value) else f"{value:.3g}"
         return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return tables.markdown_table([h for _, h in columns], ([cell(row.get(k)) for k, _ in columns] for row in rows))
 
 
 def add_ratios(rows: list[dict], key: Callable[[dict], object], is_baseline: Callable[[dict], bool]) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from liere.factory import default_comparison, split_specs
-from train import checkpoint, cli, data, evaluate, loop, machine, plots, report
+from train import checkpoint, cli, data, evaluate, machine, plots, report
 from train import run_dir as layout
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
@@ -205,15 +205,15 @@ def _finished(run_dir: Path, config_hash: str) -> RunSummary | None:
 
 
 def _train_or_reuse(
-    config: RunConfig, run_dir: Path, task: Task, args: argparse.Namespace, world: int
+    config: RunConfig, run_dir: Path, task: Task, args: argparse.Namespace, world: int, bars: bool
 ) -> tuple[RunSummary, bool]:
     """``(summary, reused)``: a finished run's summary under ``--resume``, else train it (a diverged run gives
-    its diverged summary)."""
+    its diverged summary); ``bars``: ``train``'s progress bars."""
     done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
     if done is not None:
         return done, True
     try:
-        return train(config, run_dir, task=task, resume=args.resume, **cli.train_options(args)), False
+        return train(config, run_dir, task=task, resume=args.resume, bars=bars, **cli.train_options(args)), False
     except Diverged as err:
         print(f"[ab] {config.encoding} seed {config.seed}: {err}", file=sys.stderr, flush=True)
         return err.summary, False
@@ -294,13 +294,13 @@ class _Job:
 
 
 def _run_one(
-    job: _Job, task: Task, args: argparse.Namespace, evaluation: tuple, rank: int, world: int
+    job: _Job, task: Task, args: argparse.Namespace, evaluation: tuple, rank: int, world: int, bars: bool = True
 ) -> tuple[AbRun, bool, float]:
     """Train (or reuse) one run and, on rank 0, evaluate it: ``(run, reused, seconds spent by earlier
-    processes on it)``."""
+    processes on it)``; ``bars``: progress bars (off in worker processes, whose bars would interleave)."""
     tick = time.perf_counter()
     run_task = with_encoding(task, job.config)
-    summary, reused = _train_or_reuse(job.config, job.run_dir, run_task, args, world)
+    summary, reused = _train_or_reuse(job.config, job.run_dir, run_task, args, world, bars)
     earlier = max(0.0, summary.wall_time_s - (time.perf_counter() - tick))
     fresh = not reused or not (job.run_dir / layout.EVALUATION).is_file()
     if rank == 0 and job.evaluate and fresh and summary.test_value is not None:
@@ -323,13 +323,12 @@ _worker_task: Task | None = None
 def _start_worker(task: Task, threads: int) -> None:
     global _worker_task
     torch.set_num_threads(threads)
-    loop.BARS = False  # progress lines, not several tqdm bars fighting over one terminal
     _worker_task = task
 
 
 def _run_in_worker(job: _Job, args: argparse.Namespace, evaluation: tuple) -> tuple[AbRun, bool, float]:
     assert _worker_task is not None, "_start_worker sets the task"
-    return _run_one(job, _worker_task, args, evaluation, 0, 1)
+    return _run_one(job, _worker_task, args, evaluation, 0, 1, bars=False)
 
 
 def _execute(

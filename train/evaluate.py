@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from models.vit import COORD_SCALES
 from train import checkpoint, cli, data, report
 from train import run_dir as layout
 from train.loop import resolve_device
@@ -33,7 +34,6 @@ from train.tasks import Task, _generator, autocast, load_task
 EVALUATIONS = ("shuffle", "extrapolate", "length")
 DEFAULT_FACTORS = (1.0, 1.5, 2.0)
 DEFAULT_MULTIPLES = (1, 2, 4)
-COORD_SCALES = ("index", "stretch")
 
 
 def parse_list(text: str, name: str, kind: Callable[[str], Any] = float) -> list[Any]:

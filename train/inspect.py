@@ -15,14 +15,13 @@ For every layer and head of each model whose encoding has ``skew_generators()`` 
   kernels at the same offset ``p' - p`` (0 for commuting generators).
 
 Writes ``inspect.md`` and PNGs (``inspect_<run>.png``: kernels and frequencies; ``commutator_steps.png``: the
-commutator logged during training, see ``position_metrics``) into the folder. ``train.report`` appends the
-markdown section to ``report.md``.
+commutator logged during training, see ``liere.analysis.position_metrics``) into the folder. ``train.report``
+appends the markdown section to ``report.md``. The generator math itself lives in ``liere.analysis``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,51 +32,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from liere.analysis import axis_pairs, commutator_sizes, frequencies, generators
 from train import checkpoint
 from train import run_dir as layout
-from train.plots import read_jsonl
 from train.stats import spearman
 
 OUTPUT = "inspect.md"
-
-
-def generators(model: nn.Module) -> Tensor | None:
-    """The encoding's skew generators ``(depth, heads, axes, d, d)`` in fp64, or None if it has none."""
-    encoding = getattr(model, "encoding", None)
-    if encoding is None or not hasattr(encoding, "skew_generators"):
-        return None
-    with torch.no_grad():
-        return encoding.skew_generators().detach().double().cpu()
-
-
-def axis_pairs(num_axes: int) -> list[tuple[int, int]]:
-    """All axis pairs ``(a, b)``, ``a < b``."""
-    return list(itertools.combinations(range(num_axes), 2))
-
-
-def commutator_sizes(gens: Tensor) -> Tensor:
-    """``|[A_a, A_b]|_F / (|A_a|_F |A_b|_F)`` per layer, head and axis pair: ``(depth, heads, pairs)``.
-
-    Scale-free (it does not depend on the coordinate unit); 0 for commuting generators, at most ``sqrt(2)``.
-    """
-    if gens.dim() != 5 or gens.shape[-1] != gens.shape[-2]:
-        raise ValueError(f"gens must be (depth, heads, axes, d, d), got shape {tuple(gens.shape)}")
-    norms = torch.linalg.matrix_norm(gens)  # (depth, heads, axes)
-    sizes = []
-    for a, b in axis_pairs(gens.shape[2]):
-        A, B = gens[:, :, a], gens[:, :, b]
-        comm = torch.linalg.matrix_norm(A @ B - B @ A)
-        sizes.append(comm / (norms[:, :, a] * norms[:, :, b]).clamp_min(torch.finfo(gens.dtype).tiny))
-    return torch.stack(sizes, -1) if sizes else gens.new_zeros(*gens.shape[:2], 0)
-
-
-def frequencies(gens: Tensor) -> Tensor:
-    """Rotation frequencies ``w`` per layer, head and axis, descending: ``(depth, heads, axes, d // 2)``.
-
-    A real skew matrix has eigenvalues ``± i w`` (and 0 for odd sizes); each pair is counted once.
-    """
-    w = torch.linalg.eigvals(gens).imag.abs().sort(dim=-1, descending=True).values
-    return w[..., : 2 * (gens.shape[-1] // 2) : 2]
 
 
 def rotations(gens: Tensor, coords: Tensor) -> Tensor:
@@ -105,17 +65,6 @@ def invariance_error(gens: Tensor, coords: Tensor, grid: Sequence[int], a: int, 
         if all(0 <= s < g for s, g in zip(shifted, grid, strict=True)):
             errors.append((ka[..., index[target]] - kb[..., index[shifted]]).abs())
     return torch.stack(errors, -1).amax(-1)
-
-
-def position_metrics(model: nn.Module) -> dict[str, float]:
-    """Commutator sizes to log during training: mean and max over layers, heads and axis pairs, and each layer's
-    mean (``commutator_l<i>``). Empty for encodings without generators or with one axis."""
-    gens = generators(model)
-    if gens is None or gens.shape[2] < 2:
-        return {}
-    sizes = commutator_sizes(gens)
-    per_layer = {f"commutator_l{i}": float(v) for i, v in enumerate(sizes.mean((1, 2)))}
-    return {"commutator_mean": float(sizes.mean()), "commutator_max": float(sizes.max()), **per_layer}
 
 
 def inspect_model(model: nn.Module) -> dict[str, Any] | None:
@@ -251,7 +200,7 @@ def section(root: str | Path) -> str | None:
         if info["pairs"]:
             per_run.append((name, float(info["commutator"].mean()), largest_factor_accuracies(folder)))
         if (folder / "metrics.jsonl").is_file():
-            logs.append((name, read_jsonl(folder / "metrics.jsonl")))
+            logs.append((name, layout.read_jsonl(folder / "metrics.jsonl")))
         pairs = ", ".join(f"axes {a}-{b}" for a, b in info["pairs"])
         for layer, head in np.ndindex(*info["commutator"].shape[:2]):
             comm = info["commutator"][layer, head]

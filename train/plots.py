@@ -14,7 +14,6 @@ and returns its figure.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from matplotlib.transforms import ScaledTranslation
 
+from train import run_dir as layout
 from train.stats import Interval
 
 _LABEL_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "linewidth": 0}
@@ -59,11 +59,6 @@ def metric_axis(metric: str) -> MetricAxis:
     return METRICS.get(metric, MetricAxis(metric))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [(r["step"], r[key]) for r in records if key in r]
     return (np.array([s for s, _ in rows]), np.array([v for _, v in rows])) if rows else (np.zeros(0), np.zeros(0))
@@ -77,7 +72,7 @@ def learning_curves(runs: Sequence[dict[str, Any]], metric: str, path: str | Pat
     """
     by_encoding: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
     for run in runs:
-        by_encoding[run["encoding"]].append(read_jsonl(run["metrics_log"]))
+        by_encoding[run["encoding"]].append(layout.read_jsonl(run["metrics_log"]))
     axis = metric_axis(metric)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)

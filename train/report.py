@@ -16,7 +16,7 @@ import dataclasses
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 
 from train import cli, data, inspect, plots
 from train import run_dir as layout
+from train.markdown import markdown_table
 from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.summaries import AbResults, AbRun
 
@@ -48,16 +49,6 @@ METRIC_FORMATS = {"accuracy": (100.0, 1, " (%)")}  # metric -> (table scale, dig
 def metric_format(metric: str) -> tuple[float, int, str]:
     """Table scale, digits and unit of a metric (accuracy in percent)."""
     return METRIC_FORMATS.get(metric, (1.0, 3, ""))
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> str:
-    """A markdown table; ``align`` has one letter per column, ``l`` (left) or ``r`` (right)."""
-    if len(align) != len(header):
-        raise ValueError(f"markdown_table: align {align!r} needs one letter per column ({len(header)})")
-    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    lines = ["| " + " | ".join(map(str, header)) + " |", rule]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 @dataclass
