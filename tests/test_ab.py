@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train import ab
+from train.ab import runner as ab
 from train.checkpoint import load_model
 
 ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--jobs", "1"]

@@ -11,7 +11,8 @@ import torch
 import liere
 from liere import analysis
 from models import ViT
-from train import ab, inspect
+from train.ab import inspect
+from train.ab import runner as ab
 from train.run_dir import read_jsonl
 
 

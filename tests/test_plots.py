@@ -7,8 +7,8 @@ import json
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-from train import plots
-from train.stats import Interval, bootstrap_ci
+from train.ab import plots
+from train.ab.stats import Interval, bootstrap_ci
 
 ENCODINGS = ["rope", "rope-mixed", "liere8"]
 

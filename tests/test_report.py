@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import ab, evaluate, report
+from train.ab import evaluate, report
+from train.ab import runner as ab
 
 ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet", "--jobs", "1"]
 

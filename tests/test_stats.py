@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from train.stats import bootstrap_ci, mcnemar_test, sign_flip_test, spearman
+from train.ab.stats import bootstrap_ci, mcnemar_test, sign_flip_test, spearman
 
 
 def _reference_percentile_bootstrap(values: list[float], resamples: int, seed: int) -> tuple[float, float]:

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from liere.factory import default_comparison, split_specs
-from train import checkpoint, cli, data, evaluate, machine, plots, report
+from train import checkpoint, cli, data, machine
 from train import run_dir as layout
+from train.ab import evaluate, plots, report
 from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
 from train.summaries import AbResults, AbRun, RunSummary

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from models.vit import COORD_SCALES
-from train import checkpoint, cli, data, report
+from train import checkpoint, cli, data
 from train import run_dir as layout
+from train.ab import report
 from train.loop import resolve_device
 from train.presets import RunConfig, is_text
 from train.summaries import AbResults, RunSummary

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from liere.analysis import axis_pairs, commutator_sizes, frequencies, generators
 from train import checkpoint
 from train import run_dir as layout
-from train.stats import spearman
+from train.ab.stats import spearman
 
 OUTPUT = "inspect.md"
 

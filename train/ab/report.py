@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from train import cli, data, inspect, plots
+from train import cli, data
 from train import run_dir as layout
+from train.ab import inspect, plots
+from train.ab.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.markdown import markdown_table
-from train.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.summaries import AbResults, AbRun
 
 EVALUATION_FILE, CORRECT_FILE = layout.EVALUATION, layout.CORRECT  # per run folder, written by train.evaluate

@@ -28,7 +28,7 @@ from matplotlib.ticker import NullLocator
 from matplotlib.transforms import ScaledTranslation
 
 from train import run_dir as layout
-from train.stats import Interval
+from train.ab.stats import Interval
 
 _LABEL_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "linewidth": 0}
 Series = dict[str, tuple[Sequence[float], Sequence[Interval]]]  # name -> (xs, intervals)
