@@ -51,6 +51,7 @@ def test_bootstrap_ci_edge_cases_and_format() -> None:
 def test_sign_flip_test_exact_values() -> None:
     assert sign_flip_test([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]) == pytest.approx(0.25)  # smallest p with 3 pairs
     assert sign_flip_test([1.0, 0.0], [0.0, 1.0]) == 1.0
+    assert sign_flip_test([0.9], [0.1]) == 1.0  # one pair: both of its 2 sign flips are as extreme
     ten_up = [1.0 + i for i in range(10)]
     assert sign_flip_test(ten_up, [v - 1 for v in ten_up]) == pytest.approx(2 / 1024)
     # diffs 3, -1, 2: sign patterns with |sum| >= 4 are (+,-,+), (+,+,+) and their negations: 4 of 8.

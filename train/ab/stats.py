@@ -69,6 +69,8 @@ def sign_flip_test(a: Sequence[float], b: Sequence[float], resamples: int = 2**1
     a, b = _check_values(a, "a"), _check_values(b, "b")
     if a.size != b.size:
         raise ValueError(f"a and b must be paired (same length), got {a.size} and {b.size}")
+    if a.size == 1:
+        return 1.0  # both signs of one difference are as extreme as the observed one
     result = scipy.stats.permutation_test(
         (a - b,),
         lambda d, axis: np.mean(d, axis=axis),
