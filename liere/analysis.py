@@ -1,7 +1,7 @@
 """What learned rotary generators look like: commutators and rotation frequencies of ``skew_generators()``.
 
 For encodings with ``R(p) = exp(sum_a p_a A_a)`` (LieRE, RoPE-Mixed, STRING, ComRoPE). ``train`` logs
-``position_metrics`` during training; ``train.inspect`` draws and tabulates the rest.
+``position_metrics`` during training; ``train.ab.inspect`` draws and tabulates the rest.
 """
 
 from __future__ import annotations

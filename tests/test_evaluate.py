@@ -1,4 +1,4 @@
-"""train.evaluate: patch shuffling, resize/canvas extrapolation grids, LM length eval, data-fraction subsets."""
+"""train.ab.evaluate: patch shuffling, resize/canvas extrapolation grids, LM length eval, data-fraction subsets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train.inspect: commutators, eigen-frequencies, relative-position kernels of learned generators; CLI and logging."""
+"""train.ab.inspect: commutators, eigen-frequencies, relative-position kernels of learned generators; CLI, logging."""
 
 from __future__ import annotations
 

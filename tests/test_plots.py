@@ -1,4 +1,4 @@
-"""train.plots on small synthetic results (1 and 3 seeds; accuracy and bits per character): what each plot shows."""
+"""train.ab.plots on small synthetic results (1 and 3 seeds; accuracy and bits per character): what each plot shows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train.report: report.md from an A/B folder (CIs, paired tests, evaluations, fractions, plots); train.evaluate CLI."""
+"""train.ab.report: report.md from an A/B folder (CIs, paired tests, evaluations, fractions, plots); evaluate CLI."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Evaluations of trained runs: per-example test correctness, patch shuffle, resolution and length extrapolation.
 
-    python -m train.evaluate runs/ab-arrow-20260101-120000          # every run of an A/B folder, then its report
-    python -m train.evaluate runs/x/liere8-s0/last.pt --evaluate shuffle,extrapolate --extrapolate 1,1.5,2
+    python -m train.ab.evaluate runs/ab-arrow-20260101-120000          # every run of an A/B folder, then its report
+    python -m train.ab.evaluate runs/x/liere8-s0/last.pt --evaluate shuffle,extrapolate --extrapolate 1,1.5,2
 
 Each run folder gets ``evaluation.json`` (``{"shuffle": {...}, "extrapolate": [...], "length": [...]}``,
 whatever was asked) and, for classification, ``test_correct.pt`` (bool ``(N,)``: was test example i right),
@@ -292,7 +292,7 @@ def _checkpoints(path: Path) -> tuple[list[Path], Path | None]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
+        prog="python -m train.ab.evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )  # fmt: skip
     p.add_argument("paths", nargs="+", help="A/B run folders (results.json), run folders or checkpoint files")

@@ -1,6 +1,6 @@
 """A look inside trained rotary encodings with learned generators (LieRE, RoPE-Mixed, STRING, ComRoPE).
 
-    python -m train.inspect RUN_DIR       # a train.ab folder (results.json) or one run's folder (last.pt)
+    python -m train.ab.inspect RUN_DIR       # a train.ab folder (results.json) or one run's folder (last.pt)
 
 For every layer and head of each model whose encoding has ``skew_generators()`` (``R(p) = exp(sum_a p_a A_a)``):
 
@@ -15,7 +15,7 @@ For every layer and head of each model whose encoding has ``skew_generators()`` 
   kernels at the same offset ``p' - p`` (0 for commuting generators).
 
 Writes ``inspect.md`` and PNGs (``inspect_<run>.png``: kernels and frequencies; ``commutator_steps.png``: the
-commutator logged during training, see ``liere.analysis.position_metrics``) into the folder. ``train.report``
+commutator logged during training, see ``liere.analysis.position_metrics``) into the folder. ``train.ab.report``
 appends the markdown section to ``report.md``. The generator math itself lives in ``liere.analysis``.
 """
 
@@ -238,7 +238,7 @@ def write(root: str | Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
-    p = argparse.ArgumentParser(prog="python -m train.inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.ab.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a train.ab folder (results.json) or one run's folder (last.pt)")
     args = p.parse_args(argv)
     try:

@@ -1,10 +1,10 @@
 """Markdown report of an A/B run folder: settings, main table with CIs and paired tests, evaluations, plots.
 
-    python -m train.report runs/ab-arrow-20260101-120000 [--reference rope-mixed]
+    python -m train.ab.report runs/ab-arrow-20260101-120000 [--reference rope-mixed]
 
-Reads ``results.json`` and, per run, ``evaluation.json`` / ``test_correct.pt`` (``train.evaluate``); writes
+Reads ``results.json`` and, per run, ``evaluation.json`` / ``test_correct.pt`` (``train.ab.evaluate``); writes
 ``report.md`` and its PNG plots into the folder. Sections whose evaluations are missing are left out.
-Every number over seeds is the mean with a 95% percentile-bootstrap interval (``train.stats.bootstrap_ci``).
+Every number over seeds is the mean with a 95% percentile-bootstrap interval (``train.ab.stats.bootstrap_ci``).
 Each section is computed (``*_cis``), rendered (``markdown_table``) and plotted separately. A run that
 diverged is shown as diverged, never with a metric.
 """
@@ -30,7 +30,7 @@ from train.ab.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
 from train.markdown import markdown_table
 from train.summaries import AbResults, AbRun
 
-EVALUATION_FILE, CORRECT_FILE = layout.EVALUATION, layout.CORRECT  # per run folder, written by train.evaluate
+EVALUATION_FILE, CORRECT_FILE = layout.EVALUATION, layout.CORRECT  # per run folder, written by train.ab.evaluate
 SETTINGS = (
     "steps",
     "batch_size",
@@ -487,7 +487,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.ab.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="A/B run folder (with results.json)")
     p.add_argument("--reference", help="encoding the paired tests compare against (default: best by mean)")
     cli.add_common_options(p)

@@ -10,8 +10,8 @@ Prints a markdown table (encoding, parameters, final test metric as mean [95% bo
 writes into the run folder: ``results.md`` (the table), ``results.json`` (configs, per-seed metrics, data
 source, device, versions, wall time and, per run, the relative paths of its folder, checkpoint and metrics
 log plus the model spec that rebuilds it: ``train.checkpoint.load_model(folder / run["checkpoint"])``),
-``report.md`` (``train.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
-(encoding, seed[, fraction]) run holding ``evaluation.json`` / ``test_correct.pt`` (``train.evaluate``).
+``report.md`` (``train.ab.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
+(encoding, seed[, fraction]) run holding ``evaluation.json`` / ``test_correct.pt`` (``train.ab.evaluate``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
         "--evaluate",
         default="default",
         help="evaluations after each run: shuffle, extrapolate (vision), length (text), or 'none'.\n"
-        "Default: shuffle,extrapolate for vision, length for text (see train.evaluate)",
+        "Default: shuffle,extrapolate for vision, length for text (see train.ab.evaluate)",
     )
     p.add_argument("--extrapolate", default="1.0,1.5,2.0", help="image scale factors to test (default: 1.0,1.5,2.0)")
     p.add_argument("--lengths", default="1,2,4", help="text: context multiples to test (default: 1,2,4)")
