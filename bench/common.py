@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import math
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -13,6 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from train import markdown as tables
+from train import run_dir
 
 
 def default_size(device: torch.device) -> str:
@@ -88,11 +92,24 @@ def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: st
     return parser
 
 
+def run_metadata() -> dict[str, object]:
+    """What a benchmark JSON records about its run: the exact command line, thread count, torch version, UTC date
+    and the load average (1, 5, 15 min) at the end of the run."""
+    argv = getattr(sys, "orig_argv", sys.argv)  # the interpreter's own argv: ``python -m bench.x ...``
+    return dict(
+        command=shlex.join(["python", *argv[1:]]),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_average=list(os.getloadavg()),
+    )
+
+
 def write_json(results: dict, path: str | None) -> None:
-    """Write ``results`` to ``path`` (nothing when None)."""
+    """Write ``results`` and ``run_metadata()`` (keys ``results`` already has are kept) to ``path`` (nothing when
+    None), atomically."""
     if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+        run_dir.write_json(path, run_metadata() | results)
 
 
 class RowPrinter:
