@@ -93,11 +93,12 @@ def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: st
 
 
 def run_metadata() -> dict[str, object]:
-    """What a benchmark JSON records about its run: the exact command line, thread count, torch version, UTC date
-    and the load average (1, 5, 15 min) at the end of the run."""
+    """What a benchmark JSON records about its run: the exact command line, the device (the CPU unless the harness
+    says otherwise), thread count, torch version, UTC date and the load average (1, 5, 15 min) at the end."""
     argv = getattr(sys, "orig_argv", sys.argv)  # the interpreter's own argv: ``python -m bench.x ...``
     return dict(
         command=shlex.join(["python", *argv[1:]]),
+        device=describe(torch.device("cpu")),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
