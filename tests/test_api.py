@@ -210,12 +210,12 @@ def test_rotations_identity_and_to() -> None:
     assert "block_size=4" in repr(rot) and len(rot) == 1
 
 
-@pytest.mark.parametrize("marker", ["example", "decoding example"])
-def test_readme_example_runs(marker: str) -> None:
-    """The README's usage example and its cached ``generate`` example are executed verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", readme, re.S)
-    assert example is not None, f"README.md lost its marked {marker}"
+@pytest.mark.parametrize(("page", "marker"), [("README.md", "example"), ("docs/models.md", "decoding example")])
+def test_readme_example_runs(page: str, marker: str) -> None:
+    """The README's usage example and the cached ``generate`` example of docs/models.md are executed verbatim."""
+    text = (ROOT / page).read_text()
+    example = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert example is not None, f"{page} lost its marked {marker}"
     result = subprocess.run([sys.executable, "-c", example.group(1)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
