@@ -15,8 +15,15 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+import liere
 from train import markdown as tables
 from train import run_dir
+
+
+def registry_examples(num_axes: int) -> list[str]:
+    """The example spec of every registered encoding that supports ``num_axes`` (``liere.encoding_info``)."""
+    infos = [liere.encoding_info(name) for name in liere.available()]
+    return [info.example for info in infos if num_axes in info.axes]
 
 
 def default_size(device: torch.device) -> str:

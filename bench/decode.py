@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.common import bench_parser, describe, markdown_table, time_ms, write_json
-from liere.factory import default_comparison
+from bench.common import bench_parser, describe, markdown_table, registry_examples, time_ms, write_json
 from models import LM_SIZES, CharLM
 
 SIZES = {"tiny": dict(prompt=32, new=48), "char": dict(prompt=128, new=256)}
@@ -46,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = bench_parser("python -m bench.decode", __doc__.splitlines()[0], list(SIZES), "generate calls")
     parser.set_defaults(repeats=2)
     parser.add_argument(
-        "--encodings", nargs="+", default=default_comparison(1), help="factory specs (default: the 1D comparison)"
+        "--encodings",
+        nargs="+",
+        default=registry_examples(1),
+        help="factory specs (default: the example spec of every registered 1D encoding)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
