@@ -5,7 +5,7 @@ random skew matrices and prints, as a markdown table, ``orth / rel``: the max ``
 to fp64) and the max relative Frobenius error against SciPy's fp64 ``expm`` of the same input (after its
 rounding to the dtype, so input rounding is not counted). Method ``native`` is ``torch.linalg.matrix_exp``
 called directly in the half-precision input dtype, without the upcast of ``exact``. Needs SciPy (the
-``dev`` extra).
+``train`` extra).
 """
 
 from __future__ import annotations
