@@ -5,17 +5,17 @@ random skew matrices and prints, as a markdown table, ``orth / rel``: the max ``
 to fp64) and the max relative Frobenius error against SciPy's fp64 ``expm`` of the same input (after its
 rounding to the dtype, so input rounding is not counted). Method ``native`` is ``torch.linalg.matrix_exp``
 called directly in the half-precision input dtype, without the upcast of ``exact``. Needs SciPy (the
-``dev`` extra).
+``train`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
+from bench.common import write_json
 from liere.expm import orthogonality_error, skew_expm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,16 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         "--methods", nargs="+", default=list(METHODS), choices=METHODS + ("auto",), help="skew_expm methods"
     )
     parser.add_argument("--blocks", nargs="+", type=int, default=[2, 3, 4, 8, 16, 64], help="block sizes b")
-    parser.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the records (and the run's metadata) to this JSON file"
+    )
     args = parser.parse_args(argv)
     print("Cells: max |R^T R - I| / max relative error vs SciPy fp64 expm, 16 matrices per cell.\n", flush=True)
     records = []
     for i, b in enumerate(args.blocks):  # each block size printed as soon as it is measured
         records += measure(args.methods, [b])
         print(markdown([r for r in records if r["block"] == b], header=i == 0), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+    write_json(dict(records=records), args.json)
 
 
 if __name__ == "__main__":

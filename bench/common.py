@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import math
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+import liere
+from train import markdown as tables
+from train import run_dir
+
+
+def registry_examples(num_axes: int) -> list[str]:
+    """The example spec of every registered encoding that supports ``num_axes`` (``liere.encoding_info``)."""
+    infos = [liere.encoding_info(name) for name in liere.available()]
+    return [info.example for info in infos if num_axes in info.axes]
 
 
 def default_size(device: torch.device) -> str:
@@ -58,9 +71,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
             return "nan" if math.isnan(value) else f"{value:.3g}"
         return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return tables.markdown_table([h for _, h in columns], ([cell(row.get(k)) for k, _ in columns] for row in rows))
 
 
 def add_ratios(rows: list[dict], key: Callable[[dict], object], is_baseline: Callable[[dict], bool]) -> None:
@@ -88,11 +99,25 @@ def bench_parser(prog: str, description: str, sizes: Sequence[str], repeated: st
     return parser
 
 
+def run_metadata() -> dict[str, object]:
+    """What a benchmark JSON records about its run: the exact command line, the device (the CPU unless the harness
+    says otherwise), thread count, torch version, UTC date and the load average (1, 5, 15 min) at the end."""
+    argv = getattr(sys, "orig_argv", sys.argv)  # the interpreter's own argv: ``python -m bench.x ...``
+    return dict(
+        command=shlex.join(["python", *argv[1:]]),
+        device=describe(torch.device("cpu")),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_average=list(os.getloadavg()),
+    )
+
+
 def write_json(results: dict, path: str | None) -> None:
-    """Write ``results`` to ``path`` (nothing when None)."""
+    """Write ``results`` and ``run_metadata()`` (keys ``results`` already has are kept) to ``path`` (nothing when
+    None), atomically."""
     if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+        run_dir.write_json(path, run_metadata() | results)
 
 
 class RowPrinter:

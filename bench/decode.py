@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.common import bench_parser, describe, markdown_table, time_ms, write_json
+from bench.common import bench_parser, describe, markdown_table, registry_examples, time_ms, write_json
 from models import LM_SIZES, CharLM
 
 SIZES = {"tiny": dict(prompt=32, new=48), "char": dict(prompt=128, new=256)}
-ENCODINGS = ("rope", "rope-mixed", "liere8", "rope-basis", "string-cayley", "comrope-ap")  # a few of ROTARY_1D
 COLUMNS = [
     ("encoding", "encoding"),
     ("cached_tok_s", "cached tok/s"),
@@ -45,7 +44,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print each row as measured and the table, return (and optionally write) the rows."""
     parser = bench_parser("python -m bench.decode", __doc__.splitlines()[0], list(SIZES), "generate calls")
     parser.set_defaults(repeats=2)
-    parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS))
+    parser.add_argument(
+        "--encodings",
+        nargs="+",
+        default=registry_examples(1),
+        help="factory specs (default: the example spec of every registered 1D encoding)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or "tiny"

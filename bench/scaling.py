@@ -19,7 +19,7 @@ from torch import Tensor
 
 import liere
 from bench.common import bench_parser, default_size, describe, markdown_table, time_ms, write_json
-from liere import Rotations, grid_coords
+from liere import Rotations, encoding_info, grid_coords
 
 HEADS, HEAD_DIM, BATCH = 6, 64, 8
 
@@ -77,7 +77,7 @@ def parts(spec: str, shape: tuple[int, ...], device: torch.device) -> dict[str, 
 
 def bench_grid(shape: tuple[int, ...], device: torch.device, repeats: int) -> list[dict]:
     baseline = "rope" if len(shape) == 1 else "axial-rope"
-    specs = (baseline, "liere8", "liere64")
+    specs = (baseline, *encoding_info("liere<block_size>").compare)
     fns = {(spec, part): fn for spec in specs for part, fn in parts(spec, shape, device).items()}
     times = time_ms(fns, device, repeats)
     total = {spec: times[spec, "encoding"] + times[spec, "application"] for spec in specs}

@@ -34,9 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.common import autocast, bench_parser, default_size, describe, markdown_table, time_ms, write_json
-from liere import available, encoding_info
+from bench.common import (
+    autocast,
+    bench_parser,
+    default_size,
+    describe,
+    markdown_table,
+    registry_examples,
+    time_ms,
+    write_json,
+)
 from liere.encoding import PositionEncoding, check_positive_int
+from liere.factory import default_comparison
 from liere.linalg import num_skew_params, skew_from_params
 from liere.rotations import Rotations
 from models import CharLM, ViT
@@ -44,11 +53,12 @@ from models import CharLM, ViT
 
 def default_encodings(num_axes: int) -> tuple[str, ...]:
     """The RoPE baseline of every ratio first, then every registered encoding that supports ``num_axes`` (its
-    example spec, ``liere.encoding_info``), LieRE-64 and the official LieRE recipe (``reference``)."""
+    example spec, ``liere.encoding_info``), the rest of the default comparison (LieRE-64,
+    ``liere.factory.default_comparison``) and the official LieRE recipe (``reference``)."""
     baseline = "rope" if num_axes == 1 else "axial-rope"
-    infos = [encoding_info(name) for name in available()]
-    examples = [info.example for info in infos if num_axes in info.axes and info.example != baseline]
-    return (baseline, *examples, "liere64", "reference")
+    examples = [spec for spec in registry_examples(num_axes) if spec != baseline]
+    rest = [spec for spec in default_comparison(num_axes) if spec not in (baseline, *examples)]
+    return (baseline, *examples, *rest, "reference")
 
 
 class ReferenceRotations(Rotations):

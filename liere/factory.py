@@ -23,7 +23,8 @@ Builder = Callable[..., PositionEncoding]
 class EncodingInfo:
     """What the registry knows about an encoding: its spec ``name`` (``<group>`` for a pattern's named group),
     an ``example`` spec that builds, the numbers of coordinate ``axes`` it supports, whether it has ``learned``
-    parameters, and a one-line ``help``."""
+    parameters, a one-line ``help``, and the specs it contributes to the default comparison (``compare``, see
+    ``default_comparison``)."""
 
     name: str
     pattern: re.Pattern[str]
@@ -32,31 +33,41 @@ class EncodingInfo:
     axes: tuple[int, ...]
     learned: bool
     help: str
+    compare: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, EncodingInfo] = {}
 
 
 def register(
-    pattern: str, *, example: str | None = None, axes: Sequence[int] = (1, 2, 3), learned: bool = False, help: str = ""
+    pattern: str,
+    *,
+    example: str | None = None,
+    axes: Sequence[int] = (1, 2, 3),
+    learned: bool = False,
+    help: str = "",
+    compare: Sequence[str] = (),
 ) -> Callable[[Builder], Builder]:
     """Register a builder for specs matching the regex ``pattern`` (matched whole), with its metadata.
 
     The builder (a function or an encoding class) gets those of the keyword arguments ``head_dim, num_axes,
     num_heads, depth, dim, grid_shape`` that its signature names, the regex's named groups (as ints when
     numeric) and the spec's options. ``example`` (default: ``pattern`` itself) must be a spec the pattern
-    matches; the contract tests (``tests/test_contract.py``) build it for every entry of ``axes``.
+    matches; the contract tests (``tests/test_contract.py``) build it for every entry of ``axes``. ``compare``
+    lists the specs of this entry that default comparisons include (``default_comparison``); each must match.
     """
     name = re.sub(r"\(\?P<(\w+)>[^)]*\)\??", r"<\1>", pattern)
     example = pattern if example is None else example
     compiled = re.compile(pattern)
     if compiled.fullmatch(example) is None:
         raise ValueError(f"register: example {example!r} does not match the pattern {pattern!r}")
+    if unmatched := [spec for spec in compare if compiled.fullmatch(parse_spec(spec)[0]) is None]:
+        raise ValueError(f"register: compare specs {unmatched} do not match the pattern {pattern!r}")
     if not axes or not all(isinstance(a, int) and a >= 1 for a in axes):
         raise ValueError(f"register: axes must be positive ints, got {axes!r}")
 
     def decorate(builder: Builder) -> Builder:
-        _REGISTRY[name] = EncodingInfo(name, compiled, builder, example, tuple(axes), learned, help)
+        _REGISTRY[name] = EncodingInfo(name, compiled, builder, example, tuple(axes), learned, help, tuple(compare))
         return builder
 
     return decorate
@@ -72,6 +83,30 @@ def encoding_info(name: str) -> EncodingInfo:
     if name not in _REGISTRY:
         raise ValueError(f"unknown encoding {name!r}; known: {', '.join(available())}")
     return _REGISTRY[name]
+
+
+def default_comparison(num_axes: int) -> list[str]:
+    """The default comparison for ``num_axes`` coordinate axes, in registry order: the ``compare`` specs of every
+    entry supporting ``num_axes`` (the LieRE paper's line-up: no encoding, learned absolute, the fixed RoPE of
+    that many axes, RoPE-Mixed, LieRE-8 and LieRE-64). ``train.ab`` and the benchmarks default to it."""
+    return [spec for info in _REGISTRY.values() if num_axes in info.axes for spec in info.compare]
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a list of specs on the commas (or semicolons) that begin a new spec: a comma-separated item holding
+    ``=`` before any ``:`` is an option of the spec before it, so ``"axial-rope,liere8:init=uniform,rot_dim=16"``
+    -> ``["axial-rope", "liere8:init=uniform,rot_dim=16"]``; ``"a;b:x=1,y=2"`` splits only on the ``;``."""
+    if ";" in text:
+        return [spec.strip() for spec in text.split(";") if spec.strip()]
+    specs: list[str] = []
+    for item in filter(None, (item.strip() for item in text.split(","))):
+        if "=" not in item.partition(":")[0]:
+            specs.append(item)
+        elif specs:
+            specs[-1] += f",{item}"
+        else:
+            raise ValueError(f"spec list {text!r}: {item!r} is an option (key=value) but no spec precedes it")
+    return specs
 
 
 def _parse_value(text: str) -> object:
@@ -146,23 +181,35 @@ def _abs(dim: int, grid_shape: Sequence[int] | None, num_axes: int, head_dim: in
     return LearnedAbsolute(dim, grid_shape, head_dim, **options)
 
 
-register("none", help="no position information")(NoPE)
-register("abs", learned=True, help="learned absolute table over the training grid (interpolated/clamped elsewhere)")(
-    _abs
-)
+register("none", help="no position information", compare=("none",))(NoPE)
+register(
+    "abs",
+    learned=True,
+    help="learned absolute table over the training grid (interpolated/clamped elsewhere)",
+    compare=("abs",),
+)(_abs)
 register("sincos", help="fixed 1D/2D/3D sin-cos absolute embedding")(SinCosAbsolute)
-register("rope", axes=(1,), help="1D RoPE (`theta=10000`), identical to rotary-embedding-torch")(_rope)
-register("axial-rope", axes=(2, 3), help="axial RoPE for 2D/3D, features split across axes (`theta=100`, rope-vit)")(
-    AxialRoPE
+register("rope", axes=(1,), help="1D RoPE (`theta=10000`), identical to rotary-embedding-torch", compare=("rope",))(
+    _rope
 )
 register(
-    "rope-mixed", learned=True, help="RoPE-Mixed: learned per-layer, per-head frequencies mixing axes (`theta=10`)"
+    "axial-rope",
+    axes=(2, 3),
+    help="axial RoPE for 2D/3D, features split across axes (`theta=100`, rope-vit)",
+    compare=("axial-rope",),
+)(AxialRoPE)
+register(
+    "rope-mixed",
+    learned=True,
+    help="RoPE-Mixed: learned per-layer, per-head frequencies mixing axes (`theta=10`)",
+    compare=("rope-mixed",),
 )(RoPEMixed)
 register(
     r"liere(?P<block_size>\d+)?",
     example="liere8",
     learned=True,
     help="LieRE with block size `block_size` (default 8); `liere2` = RoPE-Mixed, `liere64` = dense for head_dim 64",
+    compare=("liere8", "liere64"),
 )(LieRE)
 register(
     "visionllama",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train import ab
+from train.ab import runner as ab
 from train.checkpoint import load_model
 
 ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--jobs", "1"]
@@ -66,6 +66,13 @@ def test_unit_suffix_trains_on_unit_coords(tmp_path):
     (run,) = results.runs
     assert run.encoding == "liere8@unit" and run.config["encoding"] == "liere8"
     assert run.model_spec["kwargs"]["unit_coords"] is True
+
+
+def test_spec_with_two_options_is_one_encoding(tmp_path):
+    encodings = "none,liere8:init=uniform,rot_dim=8"
+    results = ab.main([*ARGS, "--encodings", encodings, "--evaluate", "none", "--out", str(tmp_path / "ab")])
+    assert [run.config["encoding"] for run in results.runs] == ["none", "liere8:init=uniform,rot_dim=8"]
+    assert ab.default_encodings("digits") == ["none", "abs", "axial-rope", "rope-mixed", "liere8", "liere64"]
 
 
 def test_parse_seeds():

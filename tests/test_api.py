@@ -64,6 +64,28 @@ def test_factory_keyword_options_override_spec_and_rope_is_1d() -> None:
         liere.build("rope", head_dim=16, num_axes=2)
 
 
+def test_spec_lists_split_only_where_a_new_spec_begins() -> None:
+    split = liere.factory.split_specs
+    assert split("axial-rope,liere8:init=uniform,rot_dim=16") == ["axial-rope", "liere8:init=uniform,rot_dim=16"]
+    assert split(" none, liere8 ,") == ["none", "liere8"]  # the old comma lists split as before
+    assert split("liere8:init=uniform,rot_dim=16@unit,rope") == ["liere8:init=uniform,rot_dim=16@unit", "rope"]
+    assert split("rope;liere8:rot_dim=8,init=uniform;") == ["rope", "liere8:rot_dim=8,init=uniform"]
+    for spec in split("axial-rope,liere8:init=uniform,rot_dim=16"):
+        liere.build(spec, head_dim=32, num_axes=2)
+    with pytest.raises(ValueError, match="'init=uniform' is an option"):
+        split("init=uniform,liere8")
+
+
+def test_default_comparison_comes_from_the_registry() -> None:
+    assert liere.factory.default_comparison(2) == ["none", "abs", "axial-rope", "rope-mixed", "liere8", "liere64"]
+    assert liere.factory.default_comparison(1) == ["none", "abs", "rope", "rope-mixed", "liere8", "liere64"]
+    for name in liere.available():  # every compared spec belongs to its entry and supports its axes
+        info = liere.encoding_info(name)
+        assert all(info.pattern.fullmatch(liere.factory.parse_spec(s)[0]) for s in info.compare)
+    with pytest.raises(ValueError, match="compare specs \\['rope'\\] do not match"):
+        liere.register("mine", compare=("rope",))
+
+
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [
@@ -188,12 +210,12 @@ def test_rotations_identity_and_to() -> None:
     assert "block_size=4" in repr(rot) and len(rot) == 1
 
 
-@pytest.mark.parametrize("marker", ["example", "decoding example"])
-def test_readme_example_runs(marker: str) -> None:
-    """The README's usage example and its cached ``generate`` example are executed verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", readme, re.S)
-    assert example is not None, f"README.md lost its marked {marker}"
+@pytest.mark.parametrize(("page", "marker"), [("README.md", "example"), ("docs/models.md", "decoding example")])
+def test_readme_example_runs(page: str, marker: str) -> None:
+    """The README's usage example and the cached ``generate`` example of docs/models.md are executed verbatim."""
+    text = (ROOT / page).read_text()
+    example = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert example is not None, f"{page} lost its marked {marker}"
     result = subprocess.run([sys.executable, "-c", example.group(1)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout

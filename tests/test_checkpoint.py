@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from train.checkpoint import CheckpointError, load_model
-from train.loop import train
+from train.loop import TEST_DIE_AT_STEP, train
 from train.presets import preset_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,10 @@ ARGS = ["--task", "digits", "--preset", "smoke", "--encoding", "liere8", "--step
         "--device", "cpu", "--quiet"]  # fmt: skip
 
 
-def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(out: Path, *extra: str, die_at_step: int | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if die_at_step is not None:
+        env[TEST_DIE_AT_STEP] = str(die_at_step)
     cmd = [sys.executable, "-m", "train", *ARGS, "--out", str(out), *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -34,7 +36,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     full = _train(root / "full")
     assert full.returncode == 0, full.stderr
-    killed = _train(root / "killed", "--die-at-step", "25")
+    killed = _train(root / "killed", die_at_step=25)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (root / "killed" / "summary.json").exists()
     shutil.copytree(root / "killed", root / "crashed")  # the state right after the crash, for the error tests

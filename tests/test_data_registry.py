@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import ab, data
+from train import data
+from train.ab import runner as ab
 from train.data import austen, cache, fashion_mnist
 from train.presets import preset_config
 from train.tasks import load_task

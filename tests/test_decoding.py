@@ -1,6 +1,6 @@
 """``CharLM`` kv-cached decoding: cached logits equal full recomputation for every 1D encoding.
 
-The README's cached ``generate`` example is executed by ``tests/test_api.py``.
+The cached ``generate`` example of docs/models.md is executed by ``tests/test_api.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""train.evaluate: patch shuffling, resize/canvas extrapolation grids, LM length eval, data-fraction subsets."""
+"""train.ab.evaluate: patch shuffling, resize/canvas extrapolation grids, LM length eval, data-fraction subsets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from models.lm import CharLM
 from models.vit import ViT
-from train import evaluate
+from train.ab import evaluate
 from train.data import TensorImageDataset
 from train.presets import RunConfig, preset_config
 from train.tasks import load_task, train_subset, with_encoding

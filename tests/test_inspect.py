@@ -1,4 +1,4 @@
-"""train.inspect: commutators, eigen-frequencies, relative-position kernels of learned generators; CLI and logging."""
+"""train.ab.inspect: commutators, eigen-frequencies, relative-position kernels of learned generators; CLI, logging."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import liere
+from liere import analysis
 from models import ViT
-from train import ab, inspect
-from train.plots import read_jsonl
+from train.ab import inspect
+from train.ab import runner as ab
+from train.run_dir import read_jsonl
 
 
 def vit(encoding: str, grid: int = 5) -> ViT:
@@ -36,27 +38,28 @@ def test_random_liere_does_not_commute_nor_stay_translation_invariant(spec):
 
 def test_commutator_matches_direct_formula_for_all_3d_pairs():
     gens = liere.LieRE(head_dim=8, num_axes=3, num_heads=2, depth=1, block_size=8, init="uniform").skew_generators()
-    sizes = inspect.commutator_sizes(gens.detach().double())
+    sizes = analysis.commutator_sizes(gens.detach().double())
     assert sizes.shape == (1, 2, 3)
     A, B = gens[0, 1, 0].double(), gens[0, 1, 2].double()  # pair (0, 2) of head 1
     expected = torch.linalg.norm(A @ B - B @ A) / (torch.linalg.norm(A) * torch.linalg.norm(B))
     torch.testing.assert_close(sizes[0, 1, 1], expected.detach())
-    assert inspect.axis_pairs(3) == [(0, 1), (0, 2), (1, 2)]
+    assert analysis.axis_pairs(3) == [(0, 1), (0, 2), (1, 2)]
 
 
 def test_frequencies_are_the_constructed_rotation_rates():
     pe = liere.build("rope-mixed", head_dim=16, num_axes=2, num_heads=3, depth=2)
-    freqs = inspect.frequencies(pe.skew_generators().detach().double())
+    freqs = analysis.frequencies(pe.skew_generators().detach().double())
     expected = pe.freqs.detach().double().abs().sort(dim=-1, descending=True).values
     torch.testing.assert_close(freqs, expected)
     # a 3x3 block [[0, -c, b], [c, 0, -a], [-b, a, 0]] rotates at rate |(a, b, c)| about its axis
     block = torch.tensor([[0.0, -3.0, 0.0], [3.0, 0.0, -4.0], [0.0, 4.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(inspect.frequencies(block.expand(1, 1, 1, 3, 3)).flatten(), torch.tensor([5.0]).double())
+    freqs = analysis.frequencies(block.expand(1, 1, 1, 3, 3)).flatten()
+    torch.testing.assert_close(freqs, torch.tensor([5.0]).double())
 
 
 def test_kernel_is_one_at_the_query_and_depends_on_offset_for_rope_mixed():
     model = vit("rope-mixed", grid=4)
-    gens = inspect.generators(model)
+    gens = analysis.generators(model)
     coords = model.coords(model.train_grid).double()
     k = inspect.kernel(gens, coords, 5)
     torch.testing.assert_close(k[..., 5], torch.ones(2, 2, dtype=torch.float64))

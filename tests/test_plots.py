@@ -1,4 +1,4 @@
-"""train.plots on small synthetic results (1 and 3 seeds; accuracy and bits per character): what each plot shows."""
+"""train.ab.plots on small synthetic results (1 and 3 seeds; accuracy and bits per character): what each plot shows."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-from train import plots
-from train.stats import Interval, bootstrap_ci
+from train.ab import plots
+from train.ab.stats import Interval, bootstrap_ci
 
 ENCODINGS = ["rope", "rope-mixed", "liere8"]
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import ab, checkpoint, loop, machine, report
+from train import checkpoint, loop, machine
 from train import run_dir as layout
+from train.ab import report
+from train.ab import runner as ab
 from train.loop import Diverged, train
 from train.presets import preset_config
 from train.summaries import AbResults, RunSummary
@@ -240,9 +242,9 @@ def test_seeds_are_bounded():
     [
         ("train", ["--out", "{tmp}/x", "--steps", "0", "--task", "digits"], "steps"),
         ("train.ab", ["--seeds", "0-100000000", "--out", "{tmp}/ab"], "--seeds"),
-        ("train.report", ["{tmp}"], "results.json"),
-        ("train.report", ["{tmp}/missing"], "not a folder"),
-        ("train.evaluate", ["{tmp}"], "holds no last.pt"),
+        ("train.ab.report", ["{tmp}"], "results.json"),
+        ("train.ab.report", ["{tmp}/missing"], "not a folder"),
+        ("train.ab.evaluate", ["{tmp}"], "holds no last.pt"),
     ],
 )
 def test_cli_usage_errors_are_one_line_with_exit_code_2(tmp_path, module, args, needle):

@@ -1,4 +1,4 @@
-"""train.report: report.md from an A/B folder (CIs, paired tests, evaluations, fractions, plots); train.evaluate CLI."""
+"""train.ab.report: report.md from an A/B folder (CIs, paired tests, evaluations, fractions, plots); evaluate CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import ab, evaluate, report
+from train.ab import evaluate, report
+from train.ab import runner as ab
 
 ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet", "--jobs", "1"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,3 +103,9 @@ def test_step_hooks_add_per_step_metrics(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert seen == [1, 2, 3, 4, 5, 6] and [r["step"] for r in records] == seen  # one record per step
     assert all(r["generator_norm"] > 0 for r in records) and "loss" in records[4]
+
+
+def test_training_loads_no_plotting_stack():
+    check = "import sys, train.loop, train.__main__; assert 'matplotlib' not in sys.modules, 'matplotlib loaded'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -43,7 +43,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     cli.add_run_options(p)
-    p.add_argument("--die-at-step", type=int, help=argparse.SUPPRESS)  # debugging: SIGKILL after this step
     return p
 
 
@@ -62,10 +61,7 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         compile=args.compile or None,
     )
     cli.set_threads(args)
-    summary = train(
-        config, args.out, resume=args.resume, restart=args.restart, die_at_step=args.die_at_step,
-        **cli.train_options(args),
-    )  # fmt: skip
+    summary = train(config, args.out, resume=args.resume, restart=args.restart, **cli.train_options(args))
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
     print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary

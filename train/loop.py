@@ -32,7 +32,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from train import checkpoint, inspect
+from liere.analysis import position_metrics
+from train import checkpoint
 from train import run_dir as layout
 from train.presets import RunConfig
 from train.summaries import Divergence, RunSummary
@@ -40,9 +41,9 @@ from train.tasks import Task, autocast, load_task
 
 TIMING_WARMUP = 5  # first steps of a process left out of the mean step time (allocation, compilation)
 PROGRESS_EVERY_S = 30.0  # progress line interval when stderr is not a terminal (no progress bar)
-BARS = True  # tqdm bars on a terminal; off in train.ab worker processes, whose bars would interleave
 DDP_TIMEOUT_S = 600.0  # default process-group timeout (torch's own default is 30 minutes)
 ON_NONFINITE = ("stop", "skip")
+TEST_DIE_AT_STEP = "LIERE_TEST_DIE_AT_STEP"  # tests: SIGKILL the process after this step (a crash)
 
 StepHook = Callable[[int, nn.Module], Mapping[str, float] | None]
 """``hook(step, model)`` runs on every process after each optimizer step; what it returns joins that step's
@@ -216,9 +217,9 @@ class Progress:
     """Progress of one run on rank 0: a tqdm bar on a terminal; otherwise one line every ``PROGRESS_EVERY_S``
     seconds (step, loss, ms/step, ETA) and, after the first steps, an estimate of the time left."""
 
-    def __init__(self, config: RunConfig, start: int, enabled: bool) -> None:
+    def __init__(self, config: RunConfig, start: int, enabled: bool, bars: bool = True) -> None:
         self.name, self.total, self.start = f"{config.task} {config.encoding} s{config.seed}", config.steps, start
-        tty = BARS and sys.stderr.isatty()
+        tty = bars and sys.stderr.isatty()
         self.bar = tqdm(
             total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name, dynamic_ncols=True
         )
@@ -474,7 +475,7 @@ def log_step(run: Run, extra: Mapping[str, float] | None, progress: Progress) ->
         run.window = dict.fromkeys(w, 0)
     if step % config.eval_every == 0 or step == config.steps:
         run.val = evaluate(run.task, run.model, "val", run.device, run.rank, run.world)
-        record |= {f"val_{k}": v for k, v in run.val.items()} | inspect.position_metrics(run.model)
+        record |= {f"val_{k}": v for k, v in run.val.items()} | position_metrics(run.model)
     if record:
         run.log.write({"step": step, **record})
 
@@ -529,7 +530,7 @@ def train(
     on_nonfinite: str = "stop",
     hooks: Sequence[StepHook] = (),
     ddp_timeout: float = DDP_TIMEOUT_S,
-    die_at_step: int | None = None,
+    bars: bool = True,
 ) -> RunSummary:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json`` by rank 0).
 
@@ -539,7 +540,9 @@ def train(
     with neither, a folder that holds a run is refused. The checkpoint is read and checked before the data loads.
     A non-finite loss or gradient raises ``Diverged`` (after writing the diverged summary), or with
     ``on_nonfinite="skip"`` skips that step. ``hooks`` add per-step metrics (``StepHook``).
-    ``die_at_step`` SIGKILLs the process after that step (and its checkpoint, if due): a crash for tests.
+    ``bars``: a tqdm bar on a terminal (else progress lines; ``train.ab`` worker processes, whose bars would
+    interleave, pass False). For tests, the environment variable ``LIERE_TEST_DIE_AT_STEP`` SIGKILLs the process
+    after that step (and its checkpoint, if due): a crash.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"--on-nonfinite: expected one of {ON_NONFINITE}, got {on_nonfinite!r}")
@@ -561,7 +564,9 @@ def train(
         run = restore(config, run_dir, task, found, device, rank, world)
         run.wall_start = started
         try:
-            divergence = _loop(run, quiet, on_nonfinite, hooks, die_at_step)
+            divergence = _loop(
+                run, Progress(run.config, run.step, not quiet and run.rank == 0, bars), on_nonfinite, hooks
+            )
             summary = finish(run, divergence)
         except layout.WriteFailed as err:
             raise _write_error(run, err) from err.__cause__
@@ -593,14 +598,17 @@ def _timeout_error(run: Run, timeout_s: float) -> RankTimeout:
     )
 
 
-def _loop(
-    run: Run, quiet: bool, on_nonfinite: str, hooks: Sequence[StepHook], die_at_step: int | None
-) -> Divergence | None:
+def _test_die_at_step() -> int | None:
+    """The step after which a test asks the process to SIGKILL itself (``LIERE_TEST_DIE_AT_STEP``), if any."""
+    value = os.environ.get(TEST_DIE_AT_STEP)
+    return None if value is None else int(value)
+
+
+def _loop(run: Run, progress: Progress, on_nonfinite: str, hooks: Sequence[StepHook]) -> Divergence | None:
     """The step loop from ``run.step`` to ``config.steps``; the divergence that stopped it, if any."""
-    config = run.config
+    config, die_at_step = run.config, _test_die_at_step()
     run.process_start = run.step
     workers = min(4, os.cpu_count() or 1) if run.device.type == "cuda" else 0
-    progress = Progress(config, run.step, enabled=not quiet and run.rank == 0)
     run.model.train()
     try:
         for x, y in run.task.batches(run.step, run.rank, run.world, workers):

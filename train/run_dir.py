@@ -5,7 +5,7 @@ One training run (``python -m train --out RUN``) writes into ``RUN``::
     metrics.jsonl   one JSON object per logged step (appended; a torn last line is dropped on resume)
     summary.json    the finished run's summary (``train.summaries.RunSummary``)
     last.pt         the newest checkpoint; prev.pt the one before it (``train.checkpoint``)
-    evaluation.json / test_correct.pt   evaluations of the trained model (``train.evaluate``)
+    evaluation.json / test_correct.pt   evaluations of the trained model (``train.ab.evaluate``)
     .lock           the pid of the process training into the folder
 
 An A/B folder (``python -m train.ab --out AB``) holds one such folder per (encoding, seed[, fraction]) and
