@@ -169,7 +169,7 @@ def test_generate_rope_tokens_equal_native_rotary_decoder():
 def test_cached_step_rotates_only_the_new_token():
     model = adapted("liere8")
     sizes = []
-    model.attn_layers.liere_encoding.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[-2]))
+    model.attn_layers.liere_encoding.register_forward_hook(lambda m, args, out: sizes.append(out.num_positions))
     with torch.no_grad():
         AutoregressiveWrapper(model).generate(TOKENS[:, :5], 4, temperature=0.0, cache_kv=True)
     assert sizes == [5, 1, 1, 1]  # the prompt once, then one position per new token
