@@ -144,7 +144,8 @@ class RotationCache:
         """Bytes held by the cached rotations and coordinates (the parameter snapshot not counted)."""
         with self.lock:
             held = [(coords, rot) for coords, rot, _ in self.entries.values()]
-        return sum(nbytes(rot) + (0 if coords is None else coords.numel() * coords.element_size()) for coords, rot in held)
+        coords_bytes = sum(c.numel() * c.element_size() for c, _ in held if c is not None)
+        return coords_bytes + sum(nbytes(rot) for _, rot in held)
 
     def clear(self) -> None:
         with self.lock:
@@ -306,4 +307,3 @@ class CachedRotationsMixin:
 def cache_repr(nbytes_held: int) -> str:
     """``extra_repr`` field of a non-empty cache, e.g. ``cache=12.5MB``."""
     return f"cache={nbytes_held / 1e6:.3g}MB"
-

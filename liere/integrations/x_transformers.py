@@ -5,7 +5,6 @@ See docs/x_transformers.md for why the ``rotary_pos_emb`` hook cannot carry LieR
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from x_transformers.x_transformers import Attention, AttentionLayers, TransformerWrapper, always
 
