@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 from itertools import chain
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +335,11 @@ def test_integer_positions_in_training_equal_the_implicit_ones() -> None:
     assert torch.equal(given, implicit)
     given.sum().backward()
     assert pe.generators.grad.abs().sum() > 0
+
+
+def test_docs_inference_examples_run() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/inference.md", "exec"), {})
