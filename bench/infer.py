@@ -7,8 +7,9 @@ timed round-robin (``bench.common.time_ms``, medians) so that machine noise hits
   ``liere.integrations.timm.liere_timm_vit`` at 224 px, batch 1 and 8; baseline ``axial-rope``. Cache modes:
   ``on`` (warm: the rotations come from the cache), ``cold`` (the cache cleared before every call: the first call's
   cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache);
-- **decoding**: tokens/s of cached greedy ``models.CharLM.generate`` on the benchmark char-LM (``size="char"``:
-  6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1; baseline ``rope``; cache ``on``/``off``.
+- **decoding**: tokens/s of kv-cached greedy decoding (``models.CharLM.generate``'s loop) on the benchmark char-LM
+  (``size="char"``: 6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1, timed per token
+  round-robin (``bench_decoding``); baseline ``rope``; cache ``on``/``off``.
 
 Rows print as they are measured. ``--size tiny`` shrinks both models to run in seconds (the test's size). CPU,
 ``--threads`` (default 1) threads.
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 
 import timm
 import torch
@@ -28,6 +32,7 @@ from bench.common import RowPrinter, bench_parser, describe, markdown_table, tim
 from liere.cache import rotation_cache_disabled
 from liere.integrations.timm import liere_timm_vit
 from models import CharLM
+from models.blocks import KVCache
 
 ENCODINGS = ("liere8", "liere64", "rope-mixed")
 VIT_BASELINE, LM_BASELINE = "axial-rope", "rope"
@@ -96,20 +101,40 @@ def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
     return with_ratios(rows, "ms", VIT_BASELINE)
 
 
+def decode_steps(model: CharLM, prompt: torch.Tensor, new: int) -> Iterator[None]:
+    """Greedy kv-cached decoding (``CharLM.generate``'s loop), one step per ``next()``: the prompt, then each token."""
+    cache = KVCache()
+    token = prompt
+    for _ in range(new + 1):
+        token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+        yield
+
+
 def bench_decoding(size: str, repeats: int) -> list[dict]:
-    """Tokens/s of cached greedy decoding for every encoding x cache mode, one round-robin run."""
-    device = torch.device("cpu")
+    """Tokens/s of cached greedy decoding for every encoding x cache mode.
+
+    Round-robin at the token level (each variant decodes one token in turn), so that the machine's noise, which
+    changes over seconds, hits every variant alike; tokens/s is one over the median step time of ``repeats``
+    decodings of ``new`` tokens (the prompt's forward excluded).
+    """
     config = SIZES[size]
     prompt = torch.randint(0, config["vocab"], (1, config["prompt"]), generator=torch.Generator().manual_seed(0))
     models = {spec: char_lm(spec, size) for spec in (LM_BASELINE, *ENCODINGS)}
-    fns = {}
-    for spec, model in models.items():
-        for cache in ("on", "off"):
-            generate = lambda model=model: model.generate(prompt, config["new"], temperature=0.0)  # noqa: E731
-            fns[spec, cache] = in_mode(generate, cache, model.encoding)
-    ms = time_ms({f"{s}|{c}": fn for (s, c), fn in fns.items()}, device, repeats)
+    variants = [(spec, cache) for spec in models for cache in ("on", "off")]
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    with torch.no_grad():
+        for rep in range(repeats + 1):  # rep 0 warms up
+            runs = {(s, c): decode_steps(models[s], prompt, config["new"]) for s, c in variants}
+            for step in range(config["new"] + 1):
+                for variant in variants:
+                    with rotation_cache_disabled() if variant[1] == "off" else nullcontext():
+                        start = time.perf_counter()
+                        next(runs[variant])
+                        elapsed = time.perf_counter() - start
+                    if rep and step:  # step 0 is the prompt
+                        times[variant].append(elapsed)
     name = f"char-LM prompt {config['prompt']} + {config['new']} tokens"
-    rows = [dict(model=name, encoding=s, cache=c, tok_s=config["new"] / ms[f"{s}|{c}"] * 1e3) for s, c in fns]
+    rows = [dict(model=name, encoding=s, cache=c, tok_s=1 / statistics.median(times[s, c])) for s, c in variants]
     return with_ratios(rows, "tok_s", LM_BASELINE)
 
 
