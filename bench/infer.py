@@ -126,7 +126,8 @@ def bench_decoding(size: str, repeats: int) -> list[dict]:
         for rep in range(repeats + 1):  # rep 0 warms up
             runs = {(s, c): decode_steps(models[s], prompt, config["new"]) for s, c in variants}
             for step in range(config["new"] + 1):
-                for variant in variants:
+                shift = step % len(variants)  # each variant follows each other one equally often
+                for variant in variants[shift:] + variants[:shift]:
                     with rotation_cache_disabled() if variant[1] == "off" else nullcontext():
                         start = time.perf_counter()
                         next(runs[variant])
