@@ -1,7 +1,7 @@
 """Inference speed with and without the rotation cache: ``python -m bench.infer [--size tiny|real] [--json PATH]``.
 
-Two benchmarks, each encoding as a ratio to its RoPE baseline in the same cache mode, all variants of one table
-timed round-robin (``bench.common.time_ms``, medians) so that machine noise hits them alike:
+Two benchmarks, each encoding as a ratio to its RoPE baseline in the same cache mode, the encodings of one cache
+mode timed round-robin (medians) so that machine noise hits them alike:
 
 - **ViT**: eval-mode forward under ``torch.inference_mode`` of timm's ``vit_small_patch16_224`` adapted with
   ``liere.integrations.timm.liere_timm_vit`` at 224 px, batch 1 and 8; baseline ``axial-rope``. Cache modes:
@@ -9,7 +9,7 @@ timed round-robin (``bench.common.time_ms``, medians) so that machine noise hits
   cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache);
 - **decoding**: tokens/s of kv-cached greedy decoding (``models.CharLM.generate``'s loop) on the benchmark char-LM
   (``size="char"``: 6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1, timed per token
-  round-robin (``bench_decoding``); baseline ``rope``; cache ``on``/``off``.
+  round-robin (``decoding_step_times``); baseline ``rope``; cache ``on``/``off``.
 
 Rows print as they are measured. ``--size tiny`` shrinks both models to run in seconds (the test's size). CPU,
 ``--threads`` (default 1) threads.
@@ -86,18 +86,17 @@ def with_ratios(rows: list[dict], key: str, baseline: str) -> list[dict]:
 
 
 def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
-    """Forward times of every encoding x cache mode at ``batch``, one round-robin run."""
+    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode)."""
     device = torch.device("cpu")
     images = torch.randn(batch, 3, SIZES[size]["vit"]["img_size"], SIZES[size]["vit"]["img_size"])
     models = {spec: vit(spec, size) for spec in (VIT_BASELINE, *ENCODINGS)}
-    fns = {}
-    for spec, model in models.items():
-        for cache in ("on", "cold", "off"):
-            fns[spec, cache] = in_mode(lambda model=model: model(images), cache, model.liere_encoding)
-    with torch.inference_mode():
-        ms = time_ms({f"{s}|{c}": fn for (s, c), fn in fns.items()}, device, repeats)
     name = f"{'ViT-S/16' if size == 'real' else 'tiny ViT'} {SIZES[size]['vit']['img_size']}px batch {batch}"
-    rows = [dict(model=name, encoding=s, cache=c, ms=ms[f"{s}|{c}"]) for s, c in fns]
+    rows = []
+    for cache in ("on", "cold", "off"):
+        fns = {s: in_mode(lambda m=m: m(images), cache, m.liere_encoding) for s, m in models.items()}
+        with torch.inference_mode():
+            ms = time_ms(fns, device, repeats)
+        rows += [dict(model=name, encoding=s, cache=cache, ms=ms[s]) for s in models]
     return with_ratios(rows, "ms", VIT_BASELINE)
 
 
@@ -110,32 +109,35 @@ def decode_steps(model: CharLM, prompt: torch.Tensor, new: int) -> Iterator[None
         yield
 
 
-def bench_decoding(size: str, repeats: int) -> list[dict]:
-    """Tokens/s of cached greedy decoding for every encoding x cache mode.
+def decoding_step_times(models: dict[str, CharLM], prompt: torch.Tensor, new: int, repeats: int) -> dict[str, float]:
+    """Median seconds per decoded token of each model, round-robin at the token level (each model decodes one token
+    in turn, in an order that rotates every step), over ``repeats`` decodings (after one warm-up) of ``new`` tokens;
+    the prompt's forward is excluded."""
+    specs = list(models)
+    times: dict[str, list[float]] = {s: [] for s in specs}
+    for rep in range(repeats + 1):
+        runs = {s: decode_steps(models[s], prompt, new) for s in specs}
+        for step in range(new + 1):
+            shift = step % len(specs)
+            for spec in specs[shift:] + specs[:shift]:
+                start = time.perf_counter()
+                next(runs[spec])
+                if rep and step:
+                    times[spec].append(time.perf_counter() - start)
+    return {s: statistics.median(t) for s, t in times.items()}
 
-    Round-robin at the token level (each variant decodes one token in turn), so that the machine's noise, which
-    changes over seconds, hits every variant alike; tokens/s is one over the median step time of ``repeats``
-    decodings of ``new`` tokens (the prompt's forward excluded).
-    """
+
+def bench_decoding(size: str, repeats: int) -> list[dict]:
+    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode)."""
     config = SIZES[size]
     prompt = torch.randint(0, config["vocab"], (1, config["prompt"]), generator=torch.Generator().manual_seed(0))
     models = {spec: char_lm(spec, size) for spec in (LM_BASELINE, *ENCODINGS)}
-    variants = [(spec, cache) for spec in models for cache in ("on", "off")]
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
-    with torch.no_grad():
-        for rep in range(repeats + 1):  # rep 0 warms up
-            runs = {(s, c): decode_steps(models[s], prompt, config["new"]) for s, c in variants}
-            for step in range(config["new"] + 1):
-                shift = step % len(variants)  # each variant follows each other one equally often
-                for variant in variants[shift:] + variants[:shift]:
-                    with rotation_cache_disabled() if variant[1] == "off" else nullcontext():
-                        start = time.perf_counter()
-                        next(runs[variant])
-                        elapsed = time.perf_counter() - start
-                    if rep and step:  # step 0 is the prompt
-                        times[variant].append(elapsed)
     name = f"char-LM prompt {config['prompt']} + {config['new']} tokens"
-    rows = [dict(model=name, encoding=s, cache=c, tok_s=1 / statistics.median(times[s, c])) for s, c in variants]
+    rows = []
+    for cache in ("on", "off"):
+        with torch.no_grad(), rotation_cache_disabled() if cache == "off" else nullcontext():
+            seconds = decoding_step_times(models, prompt, config["new"], repeats)
+        rows += [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models]
     return with_ratios(rows, "tok_s", LM_BASELINE)
 
 
