@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,9 +15,16 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
 
     ``rot`` holds one layer's rotations (depth 1); ``sdpa_kwargs`` (``attn_mask``, ``is_causal``,
     ``dropout_p``, ``scale``) go to ``torch.nn.functional.scaled_dot_product_attention``. Output has v's shape.
+    Without gradients (inference), shared block rotations rotate q and k in one pass over the matrices: at batch 1
+    a dense b=64 ViT-S/16 reads its 230 MB of cached rotations once per forward instead of twice.
     """
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if rot.kind == "blocks":  # cast the block matrices once for both matmuls (not twice: two saved copies)
-        rot = rot.to(apply_dtype(q.dtype, rot.dtype, q.device.type, matmul=True))
-    return F.scaled_dot_product_attention(rot.apply(q), rot.apply(k), v, **sdpa_kwargs)
+    if rot.kind != "blocks":
+        return F.scaled_dot_product_attention(rot.apply(q), rot.apply(k), v, **sdpa_kwargs)
+    rot = rot.to(apply_dtype(q.dtype, rot.dtype, q.device.type, matmul=True))  # cast once for both matmuls
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or rot.blocks.requires_grad)
+    if grad or rot.blocks.shape[1] != 1:  # training: rotate q and k apart (no concatenated copy kept for backward)
+        return F.scaled_dot_product_attention(rot.apply(q), rot.apply(k), v, **sdpa_kwargs)
+    q, k = rot.apply(torch.cat([q, k])).chunk(2)
+    return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)

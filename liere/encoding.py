@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from liere.cache import CachedRotationsMixin, cache_repr, cached_rotations
 from liere.coords import Grid, Progression, resolve_coords
 from liere.precision import build_dtype, building
 from liere.rotations import Rotations
@@ -70,7 +71,7 @@ def default_theta(num_axes: int) -> float:
     return 10000.0 if num_axes == 1 else 10.0
 
 
-class PositionEncoding(nn.Module):
+class PositionEncoding(CachedRotationsMixin, nn.Module):
     """Base class: maps coordinates ``(n, num_axes)``, ``(batch, n, num_axes)`` or a ``Grid`` to ``Rotations``.
 
     Rotary encodings override ``rotations``; additive ones (absolute embeddings) override
@@ -84,7 +85,8 @@ class PositionEncoding(nn.Module):
     then also receives ``progression=(start, step)`` when it is known: always for a 1D ``Grid`` (no device
     sync), and for a 1D coordinates tensor when the per-call validation finds it evenly spaced (eager only).
     Buffers named in ``fp32_buffers`` (fixed frequency tables) keep their dtype when the module is cast
-    (``model.to(torch.bfloat16)``): only their device follows.
+    (``model.to(torch.bfloat16)``): only their device follows. Outside training the rotations are computed once
+    and cached (``liere.cache``: ``cache_size``, ``clear_cache()``, ``cache_nbytes``).
     """
 
     uses_progression: ClassVar[bool] = False
@@ -101,9 +103,13 @@ class PositionEncoding(nn.Module):
 
         A tensor is validated on every call (shape, dtype, finite values: one device sync, skipped under
         tracing); a ``Grid`` needs no validation of values. All frequency/generator math runs in fp32 (or fp64
-        for fp64 coords) with autocast disabled (``liere.precision``).
+        for fp64 coords) with autocast disabled (``liere.precision``). Returned from the cache when no gradient
+        can flow through the result (``liere.cache``); treat the result as read-only.
         """
-        num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
+        return cached_rotations(self, coords, check_num_prefix_tokens(num_prefix_tokens))
+
+    def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
+        """``forward`` without the cache: validate ``coords`` and compute the rotations."""
         values, progression = self.resolve(coords, detect_progression=self.uses_progression)
         with building(values.device.type):
             rot = self.rotations(values) if progression is None else self.rotations(values, progression=progression)
@@ -138,7 +144,9 @@ class PositionEncoding(nn.Module):
         return {name for name, _ in self.named_parameters()}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name))
+        fields = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name)]
+        held = self.cache_nbytes
+        return ", ".join(fields + ([cache_repr(held)] if held else []))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PositionEncoding:
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype."""

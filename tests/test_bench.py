@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bench import infer as infer_bench
 from bench import ops as op_bench
 from bench import scaling as scaling_bench
 from bench import step as model_bench
@@ -158,3 +159,23 @@ def test_matrix_exp_products_follow_its_degree_choice() -> None:
     A = torch.stack([0 * eye, 0.01 * eye, 0.3 * eye, 1.0 * eye, 3.0 * eye, 48.0 * eye])
     # 1-norms 0, 0.01, 0.3, 1, 3, 48: Taylor degrees 1, 4, 8, 12, 18 (5 products), 18 + 4 squarings
     assert op_bench.matrix_exp_products(A).tolist() == [0, 2, 3, 4, 5, 9]
+
+
+CACHES = ("on", "cold", "off")
+
+
+def test_infer_bench_rows_and_json(tmp_path) -> None:
+    path = tmp_path / "infer.json"
+    results = infer_bench.main(["--size", "tiny", "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    assert {"command", "device", "threads", "torch", "date"} <= set(results) and results["threads"] == 1
+    encodings = [infer_bench.VIT_BASELINE, *infer_bench.ENCODINGS]
+    vit = results["vit"]
+    batches = infer_bench.SIZES["tiny"]["batches"]
+    assert [(r["encoding"], r["cache"]) for r in vit] == [(e, c) for _ in batches for c in CACHES for e in encodings]
+    assert_times(vit, ("ms", "ratio"))
+    lm = results["decoding"]
+    lm_encodings = [infer_bench.LM_BASELINE, *infer_bench.ENCODINGS]
+    assert [(r["encoding"], r["cache"]) for r in lm] == [(e, c) for c in ("on", "off") for e in lm_encodings]
+    assert_times(lm, ("tok_s", "ratio"))
+    assert all(r["ratio"] == 1 for r in vit + lm if r["encoding"] in ("axial-rope", "rope"))

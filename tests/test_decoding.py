@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from liere import Grid
 from models import CharLM
 from models.blocks import KVCache
 from models.lm import ROTARY_1D
@@ -51,6 +52,22 @@ def test_cached_step_rotates_only_the_new_token():
     model.encoding.register_forward_hook(lambda m, args, out: sizes.append(out.num_positions))
     model.generate(TOKENS[:, :5], 4, temperature=0.0)
     assert sizes == [5, 1, 1, 1]
+
+
+@pytest.mark.parametrize("spec", ["liere8", "rope-basis"])
+def test_cached_steps_slice_one_position_table(spec):
+    """Decoding steps read rows of one table of positions: computed log2(length) times, not once per token, and
+    the same rows a full forward of the whole sequence uses (so cached and uncached decoding agree to the bit)."""
+    model = tiny_lm(spec)
+    calls, rotations = [], model.encoding.rotations
+    model.encoding.rotations = lambda *args, **kwargs: calls.append(1) or rotations(*args, **kwargs)
+    out = model.generate(TOKENS[:, :5], 40, temperature=0.0)
+    assert len(calls) <= 5  # the table grows 5 -> 10 -> 20 -> 40 -> 80 positions
+    with torch.no_grad():
+        full = model.encoding(Grid((45,))).to_dense()
+        steps = [model.encoding(Grid((1,), offset=float(i))).to_dense() for i in range(45)]
+    assert torch.equal(torch.cat(steps, dim=3), full) and len(calls) <= 5
+    assert torch.equal(out, model.generate(TOKENS[:, :5], 40, temperature=0.0, use_cache=False))
 
 
 def test_generate_rejects_bad_arguments():

@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import repeat
 
 from liere import RoPE, grid_coords
 
@@ -166,10 +167,53 @@ def test_generate_rope_tokens_equal_native_rotary_decoder():
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("spec", ROTARY_1D)
+def test_generate_past_max_seq_len_cached_equals_uncached(spec):
+    """Past ``max_seq_len`` x-transformers trims the oldest cached keys; the kept keys keep their (absolute)
+    positions, so cached decoding equals recomputing the window. One layer: with more, the cached keys of later
+    layers saw tokens the recomputed window no longer holds (x-transformers' own rotary decoder differs there too)."""
+    torch.manual_seed(0)
+    decoder = Decoder(dim=32, depth=1, heads=2, attn_dim_head=16)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=8, use_abs_pos_emb=False, attn_layers=decoder)
+    liere_x_transformers(model, spec)
+    wrapper = AutoregressiveWrapper(model.eval())
+    with torch.no_grad():
+        cached = wrapper.generate(TOKENS[:, :4], 3 * 8, temperature=0.0, cache_kv=True)
+        recomputed = wrapper.generate(TOKENS[:, :4], 3 * 8, temperature=0.0, cache_kv=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_generate_past_max_seq_len_equals_native_rotary_decoder():
+    model = adapted("rope")
+    native = native_rotary_copy(model)
+    prompts = TOKENS[:, :4]
+    with torch.no_grad():
+        ours = AutoregressiveWrapper(model).generate(prompts, 3 * 32, temperature=0.0, cache_kv=True)
+        theirs = AutoregressiveWrapper(native).generate(prompts, 3 * 32, temperature=0.0, cache_kv=True)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("spec", ["liere8", *ROTARY_1D])
+def test_custom_rotary_pos_emb(spec):
+    """x-transformers' own ``test_custom_rotary_pos_emb`` (training mode, its sizes): explicit positions equal
+    the implicit ones, because both are rows of the same table (bitwise, not only allclose)."""
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=20_000, max_seq_len=1024, attn_layers=Decoder(dim=512, depth=2, heads=8), use_abs_pos_emb=False
+    )
+    liere_x_transformers(model, spec)
+    x = torch.randint(0, 20000, (4, 4))
+    pos = repeat(torch.arange(0, 4), "n -> b n", b=4)
+    logits1 = model(x, pos=pos)
+    logits2 = model(x)
+    assert torch.allclose(logits1, logits2)
+    assert torch.equal(logits1, logits2)
+
+
 def test_cached_step_rotates_only_the_new_token():
     model = adapted("liere8")
     sizes = []
-    model.attn_layers.liere_encoding.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[-2]))
+    model.attn_layers.liere_encoding.register_forward_hook(lambda m, args, out: sizes.append(out.num_positions))
     with torch.no_grad():
         AutoregressiveWrapper(model).generate(TOKENS[:, :5], 4, temperature=0.0, cache_kv=True)
     assert sizes == [5, 1, 1, 1]  # the prompt once, then one position per new token

@@ -5,11 +5,10 @@ See docs/x_transformers.md for why the ``rotary_pos_emb`` hook cannot carry LieR
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from x_transformers.x_transformers import Attention, AttentionLayers, TransformerWrapper, always
 
-from liere import PositionEncoding, build
+from liere import Grid, PositionEncoding, build
 from liere.integrations.forward_state import ForwardRotations, close_scope, current_scope, open_scope
 
 UNSUPPORTED_KWARGS = ("mems", "context", "rotary_pos_emb")
@@ -35,11 +34,21 @@ class RotatedLinear(nn.Linear):
         return rot.apply(out).transpose(1, 2).flatten(-2)
 
 
-def token_positions(x: Tensor, kwargs: dict) -> Tensor:
-    """Positions ``(n,)`` or ``(b, n)`` of all ``x.shape[1] + offset`` tokens, as x-transformers' rotary uses.
+def trimmed_tokens(cache: object) -> int:
+    """Tokens x-transformers dropped from the front of ``cache`` when decoding past ``max_seq_len``: its
+    ``cache_length`` counts every token seen, its cached keys only the kept window."""
+    kept = [inter.cached_kv[0].shape[-2] for inter in cache.attn_intermediates if inter.cached_kv is not None]
+    return cache.cache_length - kept[0] if kept else 0
 
-    ``pos`` (custom positions) if given, else ``0 .. n + seq_pos_offset - 1`` with x-transformers' offset
-    (the cache length when decoding with a cache). Left padding (``seq_start_pos``) does not shift them:
+
+def token_positions(x: Tensor, kwargs: dict) -> Tensor | int:
+    """Positions of all ``x.shape[1] + offset`` tokens: ``pos`` (custom integer positions ``(n,)`` or ``(b, n)``)
+    if given, else the end of ``0 .. end - 1`` (an int).
+
+    The offset is x-transformers' ``seq_pos_offset`` (the cache length when decoding with a cache). Positions are
+    absolute: past ``max_seq_len`` x-transformers trims the cache's oldest keys, and the window (which ``x``
+    holds) then starts at the first kept token, so the tokens trimmed are added back (``trimmed_tokens``): the kept
+    keys keep the positions they were rotated at. Left padding (``seq_start_pos``) does not shift them:
     x-transformers masks the padding and keeps the positions, and every 1D rotary encoding is relative.
     """
     if kwargs.get("pos") is not None:
@@ -47,10 +56,12 @@ def token_positions(x: Tensor, kwargs: dict) -> Tensor:
         if pos.dtype.is_floating_point or pos.dim() not in (1, 2):
             raise ValueError(f"pos must be integer positions (n,) or (b, n), got {pos.dtype} {tuple(pos.shape)}")
         return pos
-    offset = kwargs.get("seq_pos_offset")
+    cache, offset = kwargs.get("cache"), kwargs.get("seq_pos_offset")
     if offset is None:
-        offset = kwargs["cache"].cache_length if kwargs.get("cache") is not None else 0
-    return torch.arange(x.shape[1] + offset, device=x.device)
+        offset = cache.cache_length if cache is not None else 0
+    if cache is not None and not kwargs.get("input_not_include_cache"):
+        offset += trimmed_tokens(cache)
+    return x.shape[1] + offset
 
 
 def _open(layers: AttentionLayers, args: tuple, kwargs: dict) -> None:
@@ -63,8 +74,9 @@ def _open(layers: AttentionLayers, args: tuple, kwargs: dict) -> None:
     pe = layers.liere_encoding
 
     def compute(n: int) -> object:  # the last n positions (the tokens that reach to_q / to_k)
-        coords = positions[..., -n:, None].to(torch.float32)
-        return pe(coords)
+        if isinstance(positions, int):  # implicit positions: a Grid, sliced from the position table at inference
+            return pe(Grid((n,), offset=float(positions - n)))
+        return pe(positions[..., -n:, None])  # integer positions: rows of the same table
 
     open_scope(ForwardRotations(compute))
 

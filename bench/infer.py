@@ -1,0 +1,182 @@
+"""Inference speed with and without the rotation cache: ``python -m bench.infer [--size tiny|real] [--json PATH]``.
+
+Two benchmarks, each encoding as a ratio to its RoPE baseline in the same cache mode, the encodings of one cache
+mode timed round-robin (medians) so that machine noise hits them alike:
+
+- **ViT**: eval-mode forward under ``torch.inference_mode`` of timm's ``vit_small_patch16_224`` adapted with
+  ``liere.integrations.timm.liere_timm_vit`` at 224 px, batch 1 and 8; baseline ``axial-rope``. Cache modes:
+  ``on`` (warm: the rotations come from the cache), ``cold`` (the cache cleared before every call: the first call's
+  cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache);
+- **decoding**: tokens/s of kv-cached greedy decoding (``models.CharLM.generate``'s loop) on the benchmark char-LM
+  (``size="char"``: 6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1, timed per token
+  round-robin (``decoding_step_times``); baseline ``rope``; cache ``on``/``off``.
+
+Rows print as they are measured. ``--size tiny`` shrinks both models to run in seconds (the test's size). CPU,
+``--threads`` (default 1) threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+
+import timm
+import torch
+
+from bench.common import RowPrinter, bench_parser, describe, markdown_table, time_ms, write_json
+from liere.cache import rotation_cache_disabled
+from liere.integrations.timm import liere_timm_vit
+from models import CharLM
+from models.blocks import KVCache
+
+ENCODINGS = ("liere8", "liere64", "rope-mixed")
+VIT_BASELINE, LM_BASELINE = "axial-rope", "rope"
+SIZES = {
+    "real": dict(vit=dict(img_size=224), batches=(1, 8), lm=dict(size="char"), prompt=128, new=64, vocab=96),
+    "tiny": dict(
+        vit=dict(img_size=32, depth=2, embed_dim=128, num_heads=2),
+        batches=(1, 2),
+        lm=dict(size="tiny", dim=64, depth=2, heads=1),
+        prompt=8,
+        new=4,
+        vocab=16,
+    ),
+}
+VIT_COLUMNS = [("model", "model"), ("encoding", "encoding"), ("cache", "cache"), ("ms", "ms"), ("ratio", "ratio")]
+LM_COLUMNS = [("model", "model"), ("encoding", "encoding"), ("cache", "cache"), ("tok_s", "tok/s"), ("ratio", "ratio")]
+
+
+def vit(spec: str, size: str) -> torch.nn.Module:
+    """timm ViT-S/16 (or its tiny variant) with encoding ``spec``, eval mode, random weights."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **SIZES[size]["vit"])
+    return liere_timm_vit(model, spec).eval()
+
+
+def char_lm(spec: str, size: str) -> CharLM:
+    torch.manual_seed(0)
+    return CharLM(SIZES[size]["vocab"], encoding=spec, **SIZES[size]["lm"]).eval()
+
+
+def in_mode(fn: Callable[[], object], cache: str, encoding: torch.nn.Module) -> Callable[[], object]:
+    """``fn`` run with the rotation cache ``on``, ``cold`` (cleared first) or ``off``."""
+
+    def run() -> object:
+        if cache == "off":
+            with rotation_cache_disabled():
+                return fn()
+        if cache == "cold":
+            encoding.clear_cache()
+        return fn()
+
+    return run
+
+
+def with_ratios(rows: list[dict], key: str, baseline: str) -> list[dict]:
+    """Set ``ratio`` of every row to its ``key`` over the baseline encoding's in the same cache mode."""
+    base = {r["cache"]: r[key] for r in rows if r["encoding"] == baseline}
+    for r in rows:
+        r["ratio"] = r[key] / base[r["cache"]]
+    return rows
+
+
+def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
+    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode)."""
+    device = torch.device("cpu")
+    images = torch.randn(batch, 3, SIZES[size]["vit"]["img_size"], SIZES[size]["vit"]["img_size"])
+    models = {spec: vit(spec, size) for spec in (VIT_BASELINE, *ENCODINGS)}
+    name = f"{'ViT-S/16' if size == 'real' else 'tiny ViT'} {SIZES[size]['vit']['img_size']}px batch {batch}"
+    rows = []
+    for cache in ("on", "cold", "off"):
+        fns = {s: in_mode(lambda m=m: m(images), cache, m.liere_encoding) for s, m in models.items()}
+        with torch.inference_mode():
+            ms = time_ms(fns, device, repeats)
+        rows += [dict(model=name, encoding=s, cache=cache, ms=ms[s]) for s in models]
+    return with_ratios(rows, "ms", VIT_BASELINE)
+
+
+def decode_steps(model: CharLM, prompt: torch.Tensor, new: int) -> Iterator[None]:
+    """Greedy kv-cached decoding (``CharLM.generate``'s loop), one step per ``next()``: the prompt, then each token."""
+    cache = KVCache()
+    token = prompt
+    for _ in range(new + 1):
+        token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+        yield
+
+
+def decoding_step_times(models: dict[str, CharLM], prompt: torch.Tensor, new: int, repeats: int) -> dict[str, float]:
+    """Median seconds per decoded token of each model, round-robin at the token level (each model decodes one token
+    in turn, in an order that rotates every step), over ``repeats`` decodings (after one warm-up) of ``new`` tokens;
+    the prompt's forward is excluded."""
+    specs = list(models)
+    times: dict[str, list[float]] = {s: [] for s in specs}
+    for rep in range(repeats + 1):
+        runs = {s: decode_steps(models[s], prompt, new) for s in specs}
+        for step in range(new + 1):
+            shift = step % len(specs)
+            for spec in specs[shift:] + specs[:shift]:
+                start = time.perf_counter()
+                next(runs[spec])
+                if rep and step:
+                    times[spec].append(time.perf_counter() - start)
+    return {s: statistics.median(t) for s, t in times.items()}
+
+
+def bench_decoding(size: str, repeats: int) -> list[dict]:
+    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode)."""
+    config = SIZES[size]
+    prompt = torch.randint(0, config["vocab"], (1, config["prompt"]), generator=torch.Generator().manual_seed(0))
+    models = {spec: char_lm(spec, size) for spec in (LM_BASELINE, *ENCODINGS)}
+    name = f"char-LM prompt {config['prompt']} + {config['new']} tokens"
+    rows = []
+    for cache in ("on", "off"):
+        with torch.no_grad(), rotation_cache_disabled() if cache == "off" else nullcontext():
+            seconds = decoding_step_times(models, prompt, config["new"], repeats)
+        rows += [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models]
+    return with_ratios(rows, "tok_s", LM_BASELINE)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run both benchmarks, print rows as measured and the tables, return (and optionally write) the results."""
+    parser = bench_parser("python -m bench.infer", __doc__.splitlines()[0], list(SIZES), "calls per variant")
+    parser.set_defaults(size="real", repeats=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--skip", choices=["vit", "decoding"], help="leave one benchmark out")
+    args = parser.parse_args(argv)
+    if args.device != "cpu":
+        parser.error("bench.infer measures the CPU (--device cpu)")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    results: dict = dict(
+        command="python -m bench.infer " + " ".join(sys.argv[1:] if argv is None else argv),
+        device=describe(device),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        load_average=os.getloadavg(),
+        size=args.size,
+        vit=[],
+        decoding=[],
+    )
+    print(f"# liere inference benchmark: {results['device']}, size {args.size}, load {results['load_average']}\n")
+    if args.skip != "vit":
+        printer = RowPrinter(VIT_COLUMNS)
+        for batch in SIZES[args.size]["batches"]:
+            rows = bench_vit(args.size, batch, args.repeats)
+            printer(rows)
+            results["vit"] += rows
+    if args.skip != "decoding":
+        rows = bench_decoding(args.size, args.repeats)
+        print("\n" + markdown_table(rows, LM_COLUMNS), flush=True)
+        results["decoding"] = rows
+    write_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
