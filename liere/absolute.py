@@ -11,9 +11,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from liere.coords import Grid
 from liere.encoding import PositionEncoding, check_positive_float, check_positive_int
+from liere.fx import traced_add_to_tokens
 
 
 def _check_tokens(x: Tensor, coords: Tensor, dim: int) -> None:
@@ -48,6 +50,8 @@ class LearnedAbsolute(PositionEncoding):
         self.table = nn.Parameter(torch.randn(1, dim, *grid_shape) * init_std)
 
     def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: this call as one node
+            return traced_add_to_tokens(self, x, coords)
         coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         table, sizes = self.table, list(self.grid_shape)
@@ -87,6 +91,8 @@ class SinCosAbsolute(PositionEncoding):
         self.temperature = check_positive_float(temperature, "temperature")
 
     def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: this call as one node
+            return traced_add_to_tokens(self, x, coords)
         coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         return x + sincos_embedding(coords, self.dim, self.temperature).to(x.dtype)

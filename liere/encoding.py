@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from liere.coords import Grid, Progression, resolve_coords
+from liere.fx import is_symbolic_tracing, traced_rotations
 from liere.precision import build_dtype, building
 from liere.rotations import Rotations
 
@@ -104,6 +105,8 @@ class PositionEncoding(nn.Module):
         for fp64 coords) with autocast disabled (``liere.precision``).
         """
         num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
+        if is_symbolic_tracing() and (traced := traced_rotations(self, coords, num_prefix_tokens)) is not None:
+            return traced  # torch.fx: this call as one node (liere.fx)
         values, progression = self.resolve(coords, detect_progression=self.uses_progression)
         with building(values.device.type):
             rot = self.rotations(values) if progression is None else self.rotations(values, progression=progression)

@@ -211,7 +211,12 @@ class Rotations:
         """Rotate ``x`` of shape ``(batch, heads, n, head_dim)``: ``out[b, h, i] = R(p_i) x[b, h, i]``.
 
         Computed in the promoted dtype of ``x`` and the rotations (fp32 by default), returned in ``x``'s dtype.
+        Under ``torch.fx`` symbolic tracing (``x`` a ``Proxy``) this call is recorded as one node (``liere.fx``).
         """
+        if isinstance(x, torch.fx.Proxy):
+            from liere.fx import rotations_node
+
+            return x if self.is_identity else rotations_node(self, x.tracer).apply(x)
         self.check_input(x)
         if self.is_identity:
             return x

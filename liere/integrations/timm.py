@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from liere import Grid, Rotations, rotary_attention
 from liere.factory import build, parse_spec
+from liere.fx import is_symbolic_tracing
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
 
 COORD_SCALES = ("index", "stretch", "unit")
@@ -130,6 +131,20 @@ class RotaryTimmBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def check_fx_traceable(model: VisionTransformer) -> None:
+    """Raise, naming the option, when ``model`` has behaviour a ``torch.fx`` graph (fixed sizes, no per-call random
+    draws outside tensors) cannot hold: a dynamic image size, or train-time coordinate augmentation."""
+    if model.dynamic_img_size:
+        raise NotImplementedError(
+            "torch.fx tracing needs a fixed image size: create the model with dynamic_img_size=False"
+        )
+    if model.training and any(v is not None for v in model.coord_augment.values()):
+        raise NotImplementedError(
+            "torch.fx tracing in training mode with coordinate augmentation (shift_coords, jitter_coords, "
+            "rescale_coords) would freeze one random draw; trace in eval mode or without augmentation"
+        )
+
+
 class RotaryVisionTransformer(VisionTransformer):
     """A timm ``VisionTransformer`` adapted by ``liere_timm_vit`` (see the module docstring)."""
 
@@ -155,8 +170,16 @@ class RotaryVisionTransformer(VisionTransformer):
         return placed
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations."""
-        grid = tuple(int(s) for s in x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+        """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations.
+
+        Under ``torch.fx`` symbolic tracing sizes are unknown: the grid is ``patch_embed.grid_size`` (a traced graph
+        has a fixed image size, as timm's own), and what cannot be traced is refused.
+        """
+        if is_symbolic_tracing():
+            check_fx_traceable(self)
+            grid = tuple(self.patch_embed.grid_size)
+        else:
+            grid = tuple(int(s) for s in x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
         coords = self.patch_coords(grid, x.device)
         patches = self.liere_encoding.add_to_tokens(x.reshape(x.shape[0], -1, x.shape[-1]), coords)
         x = super()._pos_embed(patches.reshape(x.shape))
