@@ -15,7 +15,9 @@
 - patch dropout (``patch_drop_rate``) gathers each sample's rotations with its kept tokens.
 
 Coordinates (``coord_scale``): ``"index"`` (patch indices, default), ``"stretch"`` (any grid spans the
-training grid's range) or ``"unit"`` (each axis in ``[0, 1]``, the LieRE paper's convention).
+training grid's range) or ``"unit"`` (each axis in ``[0, 1]``, the LieRE paper's convention). ``axis_order``:
+``"ij"`` (default) gives each patch the coordinates ``(row, col)``, ``"xy"`` gives ``(col, row)``, as timm's
+``rope_grid_indexing="xy"`` (its naver-ai rope-vit models).
 ``no_weight_decay()`` lists the encoding's parameters, so ``timm.optim.create_optimizer_v2`` leaves them
 undecayed. ``load_timm_weights`` loads a plain timm state dict (pretrained weights) into an adapted model.
 """
@@ -39,6 +41,7 @@ from liere.fx import is_symbolic_tracing
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
 
 COORD_SCALES = ("index", "stretch", "unit")
+AXIS_ORDERS = ("ij", "xy")
 COORD_AUGMENTS = ("shift_coords", "jitter_coords", "rescale_coords")
 
 
@@ -150,23 +153,26 @@ class RotaryVisionTransformer(VisionTransformer):
 
     liere_encoding: nn.Module
     coord_scale: str
+    axis_order: str = "ij"  # the default of models adapted (and saved whole) before the option existed
     train_grid: tuple[int, int]
     coord_augment: dict[str, float | None]
 
     def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Grid | Tensor:
         """The patch grid ``(gh, gw)`` placed according to ``coord_scale``: a ``Grid`` (nothing to validate, no
-        device sync), or in training mode with coordinate augmentation (``shift_coords`` ...) its augmented
-        ``(gh * gw, 2)`` coordinates."""
+        device sync), or its ``(gh * gw, 2)`` coordinates when they are ``(col, row)`` (``axis_order="xy"``) or, in
+        training mode, augmented (``shift_coords`` ...; after the axis order, as timm)."""
         if self.coord_scale == "unit":
             spacing = [1 / (g - 1) if g > 1 else 1.0 for g in grid]
         elif self.coord_scale == "stretch":
             spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
         else:
             spacing = [1.0, 1.0]
-        placed = Grid(grid, tuple(spacing))
+        placed: Grid | Tensor = Grid(grid, tuple(spacing))
+        if self.axis_order == "xy":
+            placed = placed.coords(device).flip(-1)
         augment = [self.coord_augment.get(name) for name in COORD_AUGMENTS]
         if self.training and any(a is not None for a in augment):
-            return augment_coords(placed.coords(device), *augment)
+            return augment_coords(placed if isinstance(placed, Tensor) else placed.coords(device), *augment)
         return placed
 
     def _pos_embed(self, x: Tensor) -> Tensor:
@@ -211,6 +217,7 @@ def liere_timm_vit(
     *,
     create_kwargs: dict[str, object] | None = None,
     coord_scale: str = "index",
+    axis_order: str = "ij",
     keep_pos_embed: bool = False,
     shift_coords: float | None = None,
     jitter_coords: float | None = None,
@@ -223,7 +230,8 @@ def liere_timm_vit(
     **create_kwargs)`` (``pretrained=True`` loads timm's weights first; offline, point timm at a local file
     with ``pretrained_cfg_overlay=dict(file=path)``). The encoding is built with ``head_dim``/``num_heads``
     of the attention layers, ``depth`` = number of blocks, ``dim`` = embed dim, ``grid_shape`` = the patch
-    grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``.
+    grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``; ``axis_order``:
+    ``"ij"`` (patch coordinates ``(row, col)``) or ``"xy"`` (``(col, row)``, timm's ``rope_grid_indexing="xy"``).
     ``keep_pos_embed`` keeps timm's learned ``pos_embed`` as an additive term beside the encoding.
     ``shift_coords``, ``jitter_coords``, ``rescale_coords``: timm's train-time coordinate augmentation
     (``augment_coords``; shift >= 0, factors >= 1). Returns the model (now a ``RotaryVisionTransformer``).
@@ -236,6 +244,8 @@ def liere_timm_vit(
         raise TypeError(f"model must be a timm VisionTransformer or its name, got {type(model).__name__}")
     if coord_scale not in COORD_SCALES:
         raise ValueError(f"coord_scale must be one of {COORD_SCALES}, got {coord_scale!r}")
+    if axis_order not in AXIS_ORDERS:
+        raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
     augment = dict(shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords)
     for name, value in augment.items():
         low = 0.0 if name == "shift_coords" else 1.0
@@ -263,7 +273,7 @@ def liere_timm_vit(
     if not keep_pos_embed:
         model.pos_embed = None
     model.liere_encoding = pe
-    model.coord_scale, model.train_grid = coord_scale, tuple(model.patch_embed.grid_size)
+    model.coord_scale, model.axis_order, model.train_grid = coord_scale, axis_order, tuple(model.patch_embed.grid_size)
     model.coord_augment = augment
     if isinstance(model.patch_drop, PatchDropout):
         drop = model.patch_drop
