@@ -40,6 +40,8 @@ class LearnedAbsolute(PositionEncoding):
     which is how such a model meets larger test grids.
     """
 
+    stored_settings = (*PositionEncoding.stored_settings, "dim", "grid_shape")
+
     def __init__(self, dim: int, grid_shape: Sequence[int], head_dim: int, init_std: float = 0.02) -> None:
         grid_shape = tuple(grid_shape) if isinstance(grid_shape, Sequence) else ()
         if not grid_shape or not all(isinstance(s, int) and s >= 1 for s in grid_shape) or len(grid_shape) > 3:
@@ -82,6 +84,8 @@ def sincos_embedding(coords: Tensor, dim: int, temperature: float = 10000.0) -> 
 
 class SinCosAbsolute(PositionEncoding):
     """Fixed 1D/2D/3D sin-cos absolute embedding added to the tokens; works for any float coordinates."""
+
+    stored_settings = (*PositionEncoding.stored_settings, "dim", "temperature")
 
     def __init__(self, dim: int, num_axes: int, head_dim: int, temperature: float = 10000.0) -> None:
         super().__init__(head_dim, num_axes)
