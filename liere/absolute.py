@@ -11,9 +11,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from liere.coords import Grid
 from liere.encoding import PositionEncoding, check_positive_float, check_positive_int
+from liere.fx import traced_add_to_tokens
 
 
 def _check_tokens(x: Tensor, coords: Tensor, dim: int) -> None:
@@ -38,6 +40,8 @@ class LearnedAbsolute(PositionEncoding):
     which is how such a model meets larger test grids.
     """
 
+    stored_settings = (*PositionEncoding.stored_settings, "dim", "grid_shape")
+
     def __init__(self, dim: int, grid_shape: Sequence[int], head_dim: int, init_std: float = 0.02) -> None:
         grid_shape = tuple(grid_shape) if isinstance(grid_shape, Sequence) else ()
         if not grid_shape or not all(isinstance(s, int) and s >= 1 for s in grid_shape) or len(grid_shape) > 3:
@@ -48,6 +52,8 @@ class LearnedAbsolute(PositionEncoding):
         self.table = nn.Parameter(torch.randn(1, dim, *grid_shape) * init_std)
 
     def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: this call as one node
+            return traced_add_to_tokens(self, x, coords)
         coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         table, sizes = self.table, list(self.grid_shape)
@@ -79,6 +85,8 @@ def sincos_embedding(coords: Tensor, dim: int, temperature: float = 10000.0) -> 
 class SinCosAbsolute(PositionEncoding):
     """Fixed 1D/2D/3D sin-cos absolute embedding added to the tokens; works for any float coordinates."""
 
+    stored_settings = (*PositionEncoding.stored_settings, "dim", "temperature")
+
     def __init__(self, dim: int, num_axes: int, head_dim: int, temperature: float = 10000.0) -> None:
         super().__init__(head_dim, num_axes)
         self.dim = check_positive_int(dim, "dim")
@@ -87,6 +95,8 @@ class SinCosAbsolute(PositionEncoding):
         self.temperature = check_positive_float(temperature, "temperature")
 
     def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: this call as one node
+            return traced_add_to_tokens(self, x, coords)
         coords = self.resolve(coords, like=x)[0].float()
         _check_tokens(x, coords, self.dim)
         return x + sincos_embedding(coords, self.dim, self.temperature).to(x.dtype)

@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from liere.coords import Progression
+from liere.coords import Progression, in_func_transform
 from liere.expm import skew_expm, skew_expm_progression
 
 RECOMPUTE_FROM_BLOCK_SIZE = 16  # recompute=None: recompute from this block size up
@@ -51,9 +50,11 @@ def generator_exponentials(
     checkpoint the whole stack instead.
     """
     grad = torch.is_grad_enabled() and (gens.requires_grad or coords.requires_grad)
+    if in_func_transform():  # torch.func: plain autograd (no custom Function, no checkpoint's saved-tensor hooks)
+        recompute = False
     if progression is not None and gens.shape[2] == 1:
         compute, args = partial(_powers, progression=progression, n=coords.shape[1], method=method), (gens,)
-    elif (recompute or not grad) and not torch.compiler.is_compiling():
+    elif (recompute or not grad) and not torch.compiler.is_compiling() and not in_func_transform():
         return _ChunkedExponentials.apply(coords, gens, method, chunk or CHUNK_ELEMENTS)
     else:
         compute, args = partial(_direct, method=method), (coords, gens)
@@ -90,7 +91,8 @@ def _piece(coords: Tensor, gens: Tensor, method: str) -> Tensor:
 class _ChunkedExponentials(torch.autograd.Function):
     """``_direct`` computed chunk by chunk into one output; the backward recomputes each chunk and takes its
     gradient before the next, so one chunk's intermediates (and their gradients) are alive at a time. Saves only
-    ``coords`` and ``gens``."""
+    ``coords`` and ``gens``. Under ``create_graph=True`` the backward recomputes everything at once with a graph
+    (second-order gradients)."""
 
     @staticmethod
     def forward(ctx: Any, coords: Tensor, gens: Tensor, method: str, chunk: int) -> Tensor:
@@ -103,10 +105,14 @@ class _ChunkedExponentials(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         coords, gens = ctx.saved_tensors
         need_coords, need_gens = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward through one whole recompute
+            with torch.enable_grad():
+                inputs = [t for t, need in ((coords, need_coords), (gens, need_gens)) if need]
+                grads = iter(torch.autograd.grad(_direct(coords, gens, ctx.method), inputs, grad, create_graph=True))
+            return (next(grads) if need_coords else None), (next(grads) if need_gens else None), None, None
         grad_coords = torch.zeros_like(coords) if need_coords else None
         grad_gens = torch.zeros_like(gens) if need_gens else None
         for layer, sample, positions in _chunks(coords, gens, ctx.chunk):

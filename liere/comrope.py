@@ -35,6 +35,7 @@ class ComRoPE(LearnedEncoding):
     """
 
     uses_progression = True  # 1D grids: powers of one exponential
+    stored_settings = (*LearnedEncoding.stored_settings, "variant", "block_size")
 
     def __init__(
         self,

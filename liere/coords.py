@@ -108,11 +108,20 @@ def grid_coords(
     return Grid(shape, spacing).coords(device, dtype)
 
 
+def in_func_transform() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``functional_call`` under them...):
+    values of batched tensors cannot be read there, custom autograd Functions need vmap rules and saved-tensor hooks
+    (``torch.utils.checkpoint``) are refused, so the library takes its plain autograd paths."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def is_tracing(coords: object = None) -> bool:
-    """True under ``torch.compile`` / ``torch.export`` (strict and non-strict), ``torch.jit.trace`` or with an fx
-    ``Proxy``: no Python bool may be read from tensor values there, so value checks are skipped."""
+    """True under ``torch.compile`` / ``torch.export`` (strict and non-strict), ``torch.jit.trace``, with an fx
+    ``Proxy`` or inside a ``torch.func`` transform: no Python bool may be read from tensor values there, so value
+    checks are skipped."""
     return (
-        torch.compiler.is_compiling()
+        in_func_transform()
+        or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or isinstance(coords, torch.fx.Proxy)

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from liere.cache import CachedRotationsMixin, cache_repr, cached_rotations
 from liere.coords import Grid, Progression, resolve_coords
+from liere.fx import is_symbolic_tracing, traced_rotations
 from liere.precision import build_dtype, building
 from liere.rotations import Rotations
+from liere.settings import check_settings, forgive_missing_settings, settings_tensor
 
 # Constructor arguments that define an encoding's shape, in the order ``extra_repr`` prints those it has.
 REPR_FIELDS = (
@@ -91,6 +93,7 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
 
     uses_progression: ClassVar[bool] = False
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    stored_settings: ClassVar[tuple[str, ...]] = ("head_dim", "num_axes")  # saved and checked (liere.settings)
 
     def __init__(self, head_dim: int, num_axes: int, depth: int = 1) -> None:
         super().__init__()
@@ -106,7 +109,10 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         for fp64 coords) with autocast disabled (``liere.precision``). Returned from the cache when no gradient
         can flow through the result (``liere.cache``); treat the result as read-only.
         """
-        return cached_rotations(self, coords, check_num_prefix_tokens(num_prefix_tokens))
+        num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
+        if is_symbolic_tracing() and (traced := traced_rotations(self, coords, num_prefix_tokens)) is not None:
+            return traced  # torch.fx: this call as one node (liere.fx)
+        return cached_rotations(self, coords, num_prefix_tokens)
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
         """``forward`` without the cache: validate ``coords`` and compute the rotations."""
@@ -139,6 +145,18 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         """Add an absolute embedding to tokens ``x`` ``(batch, n, dim)`` (prefix tokens excluded); identity here."""
         return x
 
+    def get_extra_state(self) -> Tensor:
+        """The defining settings, stored in the state dict beside the weights (``liere.settings``)."""
+        return settings_tensor(self)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Raise if a loaded state dict's settings differ from this encoding's (``liere.settings``)."""
+        check_settings(self, state)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        forgive_missing_settings(prefix, args[2])  # args: local_metadata, strict, missing_keys, ...
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
         return {name for name, _ in self.named_parameters()}
@@ -161,8 +179,11 @@ class LearnedEncoding(PositionEncoding):
     """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``).
 
     Validates and stores ``num_heads``, the rotated width ``rot_dim`` (a multiple of ``multiple``) and the
-    frequency base ``theta`` (``default_theta`` when None); ``init_generator`` seeds the initialisation.
+    frequency base ``theta`` (``default_theta`` when None; it only sets initial values); ``init_generator`` seeds
+    the initialisation.
     """
+
+    stored_settings = (*PositionEncoding.stored_settings, "num_heads", "depth", "rot_dim")
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from liere.coords import in_func_transform
+
 METHODS = ("auto", "exact", "closed", "taylor_cans")
 
 # Taylor degree per working dtype. For skew (normal) X with spectral norm r the truncation error is
@@ -59,7 +61,7 @@ def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
         method = "closed" if b <= 4 else "taylor_cans"
     if method == "closed" and b > 4:
         raise ValueError(f"method='closed' needs b = 2, 3 or 4, got b = {b}")
-    if method != "taylor_cans" and not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
+    if method != "taylor_cans" and not reads_nothing() and not bool(torch.isfinite(A).all()):
         raise ValueError("A has non-finite entries")
     work = torch.float64 if A.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=A.device.type, enabled=False):
@@ -185,7 +187,7 @@ def _taylor_cans(X: Tensor) -> Tensor:
     radius = (torch.linalg.matrix_norm(P[3].detach()) / math.sqrt(2)) ** 0.25
     s = (k + torch.ceil(torch.log2(radius / theta))).clamp(min=0)
     s_min, s_max = _squaring_range(s)
-    s = s.clamp(max=s_max)  # a no-op unless compiled
+    s_unclamped, s = s, s.clamp(max=s_max)  # a no-op unless compiled or in a torch.func transform
     # P[j] * 2^((j + 1) (k - s)) are the powers of X / 2^s = Z * 2^(k - s) (scaling by powers of two is exact)
     P = [p * torch.exp2((j + 1) * (k - s))[:, None, None] for j, p in enumerate(P)]
     # Paterson-Stockmeyer: sum_k X^k / k! = B_0 + X^4 (B_1 + X^4 (B_2 + ...)), B_j of degree < 4
@@ -210,14 +212,22 @@ def _taylor_cans(X: Tensor) -> Tensor:
             R = _polish_straight_through(R, eye)
     if s_max:  # unsquared Taylor sums are orthogonal to working precision already
         R = _polish_straight_through(R, eye)
+    if in_func_transform():  # no host check there: a matrix beyond the squarings comes out NaN, not wrong
+        R = torch.where((s_unclamped > s_max)[:, None, None], torch.nan, R)
     return R.reshape(shape)
+
+
+def reads_nothing() -> bool:
+    """True where no value may be read back to the host: under ``torch.compile`` or a ``torch.func`` transform."""
+    return torch.compiler.is_compiling() or in_func_transform()
 
 
 def _squaring_range(s: Tensor) -> tuple[int, int]:
     """``(min s, max s)`` read back in the one host sync, which also rejects non-finite input (NaN/inf ``s``).
 
-    Under ``torch.compile`` nothing is read back: ``(0, COMPILED_SQUARINGS)``, every squaring masked per matrix,
-    and an asynchronous check raises when a matrix needs more squarings than that.
+    Under ``torch.compile`` nothing is read back: ``(0, COMPILED_SQUARINGS)``, every squaring masked per matrix, and
+    an asynchronous check raises when a matrix needs more squarings than that. Inside a ``torch.func`` transform
+    likewise, without the check (it has no batching rule): ``_taylor_cans`` returns NaN for such matrices instead.
     """
     if torch.compiler.is_compiling():
         torch._assert_async(
@@ -225,6 +235,7 @@ def _squaring_range(s: Tensor) -> tuple[int, int]:
             "skew_expm under torch.compile: a matrix needs more than liere.expm.COMPILED_SQUARINGS squarings "
             "(spectral norm above ~1.6 * 2^COMPILED_SQUARINGS, or non-finite entries); raise it before compiling",
         )
+    if reads_nothing():
         return 0, COMPILED_SQUARINGS
     s_min, s_max = torch.stack(s.aminmax()).tolist()
     if not math.isfinite(s_max):

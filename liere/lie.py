@@ -46,6 +46,8 @@ class LieRE(LearnedEncoding):
     BENCHMARKS.md).
     """
 
+    stored_settings = (*LearnedEncoding.stored_settings, "block_size")
+
     def __init__(
         self,
         head_dim: int,

@@ -72,6 +72,7 @@ class RoPE(PositionEncoding):
 
     fp32_buffers = ("freqs", "cache_cos", "cache_sin")
     uses_progression = True
+    stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta", "offset", "interpolate_factor")
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class AxialRoPE(PositionEncoding):
     """
 
     fp32_buffers = ("freqs",)
+    stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta")
 
     def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
         super().__init__(head_dim, num_axes)

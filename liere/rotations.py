@@ -211,7 +211,12 @@ class Rotations:
         """Rotate ``x`` of shape ``(batch, heads, n, head_dim)``: ``out[b, h, i] = R(p_i) x[b, h, i]``.
 
         Computed in the promoted dtype of ``x`` and the rotations (fp32 by default), returned in ``x``'s dtype.
+        Under ``torch.fx`` symbolic tracing (``x`` a ``Proxy``) this call is recorded as one node (``liere.fx``).
         """
+        if isinstance(x, torch.fx.Proxy):
+            from liere.fx import rotations_node
+
+            return x if self.is_identity else rotations_node(self, x.tracer).apply(x)
         self.check_input(x)
         if self.is_identity:
             return x
@@ -266,8 +271,8 @@ class Rotations:
             return (mats[0].to(dtype) @ xb[0, ..., None].to(dtype)).flatten(-3)[None]
         # Squeeze the shared sample/head dims so that einsum batches over (heads, n, nb) and lets the
         # batch ride along the matrix columns: the rotations are never copied per sample.
-        mat_idx = ("z" if s > 1 else "") + ("h" if h > 1 else "") + "nicd"
-        mats = mats.reshape(*([s] if s > 1 else []), *([h] if h > 1 else []), *mats.shape[2:])
+        mat_idx = ("z" if s != 1 else "") + ("h" if h != 1 else "") + "nicd"  # s = 0: an empty batch
+        mats = mats.reshape(*([s] if s != 1 else []), *([h] if h != 1 else []), *mats.shape[2:])
         return _BlockRotate.apply(mats.to(dtype), xb.to(dtype), mat_idx).flatten(-2)
 
 
@@ -276,18 +281,24 @@ class _BlockRotate(torch.autograd.Function):
 
     Plain einsum saves the permuted copy of ``x`` it hands to bmm: one more q-sized and k-sized tensor per
     layer than RoPE keeps (about 9% of a ViT-S step's saved activations). ``x`` (a view of the qkv
-    projection, which attention keeps anyway) costs nothing extra. Runs in the dtype it is given.
+    projection, which attention keeps anyway) costs nothing extra. Runs in the dtype it is given. The backward
+    is made of differentiable einsums (double backward) and the forward has a generated ``vmap`` rule
+    (``torch.func`` transforms).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, mats: Tensor, x: Tensor, mat_idx: str) -> Tensor:
-        ctx.save_for_backward(mats, x)
-        ctx.mat_idx = mat_idx
+    def forward(mats: Tensor, x: Tensor, mat_idx: str) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return torch.einsum(f"{mat_idx},zhnid->zhnic", mats, x)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, str], output: Tensor) -> None:
+        mats, x, ctx.mat_idx = inputs
+        ctx.save_for_backward(mats, x)
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         mats, x = ctx.saved_tensors
         grad = grad.to(x.dtype)

@@ -108,5 +108,6 @@ class CirculantSTRING(LearnedEncoding):
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = torch.einsum("sna,dhak->dshnk", coords, self.eigen_frequencies(coords.dtype))
-        row = torch.fft.fft(torch.polar(torch.ones_like(angles), angles)).real / self.rot_dim
+        phases = torch.polar(torch.ones_like(angles), angles)
+        row = (torch.fft.fft(phases).real if phases.numel() else angles) / self.rot_dim  # MKL's FFT rejects 0 rows
         return Rotations.from_blocks(circulant(row).unsqueeze(-3), self.head_dim)

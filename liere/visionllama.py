@@ -28,6 +28,8 @@ class VisionLlamaRoPE(AxialRoPE):
       grids extend beyond 1), use ``"index"`` with ``grid_coords(..., spacing=[1 / (n - 1) for n in train_shape])``.
     """
 
+    stored_settings = (*AxialRoPE.stored_settings, "coord_convention")
+
     def __init__(
         self, head_dim: int, num_axes: int = 2, coord_convention: str = "index", rot_dim: int | None = None
     ) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from liere import PositionEncoding, Rotations, build, rotary_attention
@@ -68,7 +67,7 @@ class Attention(nn.Module):
         appended to ``cache`` (slot ``layer``) and they attend to the cache and causally among themselves.
         """
         n = x.shape[1]
-        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
             out = rotary_attention(q, k, v, rot, is_causal=self.causal, dropout_p=dropout_p)
@@ -79,7 +78,7 @@ class Attention(nn.Module):
             past = k.shape[2] - n
             mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
             out = F.scaled_dot_product_attention(rot.apply(q), k, v, attn_mask=mask, dropout_p=dropout_p)
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
 
 class MLP(nn.Sequential):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from liere import Grid, PositionEncoding
+from liere.fx import is_symbolic_tracing
 from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
 
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -135,10 +135,12 @@ class ViT(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """All tokens after the final norm, ``(B, num_prefix_tokens + num_patches, dim)``."""
-        self._check_images(images)
+        tracing = is_symbolic_tracing()  # torch.fx: no sizes to check or read; the graph has the training grid
+        if not tracing:
+            self._check_images(images)
         patches = self.patch_embed(images)  # (B, dim, *grid)
-        x = rearrange(patches, "b c ... -> b (...) c")  # row-major patch order, as grid_coords
-        grid = self.grid([int(s) for s in patches.shape[2:]])  # ints under jit.trace too
+        x = patches.flatten(2).transpose(1, 2)  # (B, n, dim) in row-major patch order, as grid_coords
+        grid = self.grid(self.train_grid if tracing else [int(s) for s in patches.shape[2:]])  # ints under jit.trace
         x = self.encoding.add_to_tokens(x, grid)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.registers) if t is not None]
         x = torch.cat([*prefix, x], dim=1)

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from torch.fx import Proxy
+
 from liere.rotations import Rotations
 
 _LOCAL = threading.local()
@@ -36,7 +38,10 @@ class ForwardRotations:
         self.by_length[int(rot.num_positions)] = rot  # int: shapes are tensors under jit.trace
 
     def get(self, num_tokens: int) -> Rotations:
-        """Rotations for ``num_tokens`` tokens (prefix tokens included)."""
+        """Rotations for ``num_tokens`` tokens (prefix tokens included); under ``torch.fx`` symbolic tracing the
+        count is a ``Proxy`` and the forward's one set of rotations is returned."""
+        if isinstance(num_tokens, Proxy) and len(self.by_length) == 1:
+            return next(iter(self.by_length.values()))
         num_tokens = int(num_tokens)
         if num_tokens not in self.by_length:
             if self.compute is None:

@@ -15,7 +15,9 @@
 - patch dropout (``patch_drop_rate``) gathers each sample's rotations with its kept tokens.
 
 Coordinates (``coord_scale``): ``"index"`` (patch indices, default), ``"stretch"`` (any grid spans the
-training grid's range) or ``"unit"`` (each axis in ``[0, 1]``, the LieRE paper's convention).
+training grid's range) or ``"unit"`` (each axis in ``[0, 1]``, the LieRE paper's convention). ``axis_order``:
+``"ij"`` (default) gives each patch the coordinates ``(row, col)``, ``"xy"`` gives ``(col, row)``, as timm's
+``rope_grid_indexing="xy"`` (its naver-ai rope-vit models).
 ``no_weight_decay()`` lists the encoding's parameters, so ``timm.optim.create_optimizer_v2`` leaves them
 undecayed. ``load_timm_weights`` loads a plain timm state dict (pretrained weights) into an adapted model.
 """
@@ -35,9 +37,11 @@ from torch.utils.checkpoint import checkpoint
 
 from liere import Grid, Rotations, rotary_attention
 from liere.factory import build, parse_spec
+from liere.fx import is_symbolic_tracing
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
 
 COORD_SCALES = ("index", "stretch", "unit")
+AXIS_ORDERS = ("ij", "xy")
 COORD_AUGMENTS = ("shift_coords", "jitter_coords", "rescale_coords")
 
 
@@ -130,33 +134,58 @@ class RotaryTimmBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
 
+def check_fx_traceable(model: VisionTransformer) -> None:
+    """Raise, naming the option, when ``model`` has behaviour a ``torch.fx`` graph (fixed sizes, no per-call random
+    draws outside tensors) cannot hold: a dynamic image size, or train-time coordinate augmentation."""
+    if model.dynamic_img_size:
+        raise NotImplementedError(
+            "torch.fx tracing needs a fixed image size: create the model with dynamic_img_size=False"
+        )
+    if model.training and any(v is not None for v in model.coord_augment.values()):
+        raise NotImplementedError(
+            "torch.fx tracing in training mode with coordinate augmentation (shift_coords, jitter_coords, "
+            "rescale_coords) would freeze one random draw; trace in eval mode or without augmentation"
+        )
+
+
 class RotaryVisionTransformer(VisionTransformer):
     """A timm ``VisionTransformer`` adapted by ``liere_timm_vit`` (see the module docstring)."""
 
     liere_encoding: nn.Module
     coord_scale: str
+    axis_order: str = "ij"  # the default of models adapted (and saved whole) before the option existed
     train_grid: tuple[int, int]
     coord_augment: dict[str, float | None]
 
     def patch_coords(self, grid: tuple[int, int], device: torch.device) -> Grid | Tensor:
         """The patch grid ``(gh, gw)`` placed according to ``coord_scale``: a ``Grid`` (nothing to validate, no
-        device sync), or in training mode with coordinate augmentation (``shift_coords`` ...) its augmented
-        ``(gh * gw, 2)`` coordinates."""
+        device sync), or its ``(gh * gw, 2)`` coordinates when they are ``(col, row)`` (``axis_order="xy"``) or, in
+        training mode, augmented (``shift_coords`` ...; after the axis order, as timm)."""
         if self.coord_scale == "unit":
             spacing = [1 / (g - 1) if g > 1 else 1.0 for g in grid]
         elif self.coord_scale == "stretch":
             spacing = [(t - 1) / (g - 1) if g > 1 else 1.0 for t, g in zip(self.train_grid, grid, strict=True)]
         else:
             spacing = [1.0, 1.0]
-        placed = Grid(grid, tuple(spacing))
+        placed: Grid | Tensor = Grid(grid, tuple(spacing))
+        if self.axis_order == "xy":
+            placed = placed.coords(device).flip(-1)
         augment = [self.coord_augment.get(name) for name in COORD_AUGMENTS]
         if self.training and any(a is not None for a in augment):
-            return augment_coords(placed.coords(device), *augment)
+            return augment_coords(placed if isinstance(placed, Tensor) else placed.coords(device), *augment)
         return placed
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations."""
-        grid = tuple(int(s) for s in x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+        """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations.
+
+        Under ``torch.fx`` symbolic tracing sizes are unknown: the grid is ``patch_embed.grid_size`` (a traced graph
+        has a fixed image size, as timm's own), and what cannot be traced is refused.
+        """
+        if is_symbolic_tracing():
+            check_fx_traceable(self)
+            grid = tuple(self.patch_embed.grid_size)
+        else:
+            grid = tuple(int(s) for s in x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
         coords = self.patch_coords(grid, x.device)
         patches = self.liere_encoding.add_to_tokens(x.reshape(x.shape[0], -1, x.shape[-1]), coords)
         x = super()._pos_embed(patches.reshape(x.shape))
@@ -188,6 +217,7 @@ def liere_timm_vit(
     *,
     create_kwargs: dict[str, object] | None = None,
     coord_scale: str = "index",
+    axis_order: str = "ij",
     keep_pos_embed: bool = False,
     shift_coords: float | None = None,
     jitter_coords: float | None = None,
@@ -200,7 +230,8 @@ def liere_timm_vit(
     **create_kwargs)`` (``pretrained=True`` loads timm's weights first; offline, point timm at a local file
     with ``pretrained_cfg_overlay=dict(file=path)``). The encoding is built with ``head_dim``/``num_heads``
     of the attention layers, ``depth`` = number of blocks, ``dim`` = embed dim, ``grid_shape`` = the patch
-    grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``.
+    grid, and ``encoding_options``. ``coord_scale``: ``"index"``, ``"stretch"`` or ``"unit"``; ``axis_order``:
+    ``"ij"`` (patch coordinates ``(row, col)``) or ``"xy"`` (``(col, row)``, timm's ``rope_grid_indexing="xy"``).
     ``keep_pos_embed`` keeps timm's learned ``pos_embed`` as an additive term beside the encoding.
     ``shift_coords``, ``jitter_coords``, ``rescale_coords``: timm's train-time coordinate augmentation
     (``augment_coords``; shift >= 0, factors >= 1). Returns the model (now a ``RotaryVisionTransformer``).
@@ -213,6 +244,8 @@ def liere_timm_vit(
         raise TypeError(f"model must be a timm VisionTransformer or its name, got {type(model).__name__}")
     if coord_scale not in COORD_SCALES:
         raise ValueError(f"coord_scale must be one of {COORD_SCALES}, got {coord_scale!r}")
+    if axis_order not in AXIS_ORDERS:
+        raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
     augment = dict(shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords)
     for name, value in augment.items():
         low = 0.0 if name == "shift_coords" else 1.0
@@ -240,7 +273,7 @@ def liere_timm_vit(
     if not keep_pos_embed:
         model.pos_embed = None
     model.liere_encoding = pe
-    model.coord_scale, model.train_grid = coord_scale, tuple(model.patch_embed.grid_size)
+    model.coord_scale, model.axis_order, model.train_grid = coord_scale, axis_order, tuple(model.patch_embed.grid_size)
     model.coord_augment = augment
     if isinstance(model.patch_drop, PatchDropout):
         drop = model.patch_drop
