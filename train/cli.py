@@ -1,7 +1,9 @@
 """What every ``python -m train...`` command does with errors: one line naming the problem and the fix.
 
 Usage errors (bad options, wrong or busy folders, unusable checkpoints) exit with status 2, a run that
-failed (divergence, a stalled DDP rank) with status 1; anything else is a bug and keeps its traceback.
+failed (divergence, a stalled DDP rank) with status 1, a run stopped by SIGTERM/SIGUSR1 after writing its
+checkpoint with status 75 (``EXIT_PREEMPTED``: rerun with ``--resume``); anything else is a bug and keeps its
+traceback.
 ``--debug`` shows the traceback of every error.
 """
 
@@ -17,6 +19,7 @@ from models.blocks import WEIGHT_INITS
 from train import machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
+from train.preemption import EXIT_PREEMPTED, Preempted
 
 USAGE_ERRORS = (ValueError, CheckpointError, FileExistsError, FileNotFoundError)  # RunFolderError is a ValueError
 RUN_FAILURES = (Diverged, RankTimeout)
@@ -67,12 +70,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="under torchrun: seconds a collective waits for a silent rank before the job\n"
         "fails naming it (default: 600)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state with FSDP2 (under torchrun, or on one\n"
+        "process); sharded checkpoints in last.dcp/ that resume on any number of ranks (docs/distributed.md).\n"
+        f"SIGTERM or SIGUSR1 (any run) checkpoints after the current step and exits with status {EXIT_PREEMPTED}",
+    )
     add_common_options(p)
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``train.loop.train`` keyword arguments given by ``add_run_options`` (and ``--quiet``)."""
-    return {"quiet": args.quiet, "on_nonfinite": args.on_nonfinite, "ddp_timeout": args.ddp_timeout}
+    return {
+        "quiet": args.quiet,
+        "on_nonfinite": args.on_nonfinite,
+        "ddp_timeout": args.ddp_timeout,
+        "fsdp": args.fsdp,
+    }
 
 
 def set_threads(args: argparse.Namespace) -> str:
@@ -93,6 +108,9 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED if isinstance(err, RUN_FAILURES) else EXIT_USAGE)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         if "--debug" in args:
             raise
