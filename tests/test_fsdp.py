@@ -46,10 +46,12 @@ def run(name, fsdp=True, signal_at=None, **options):
 
 if resume:
     run(resume[0], resume=True)
-else:  # one launch, one process group, four runs (the last one is killed)
+else:  # one launch, one process group, five runs (the last one is killed)
     run("ddp", fsdp=False)
     run("fsdp")
     run("stopped", signal_at=5)
+    run("ddp-stopped", fsdp=False, signal_at=5)
+    run("ddp-stopped", fsdp=False, resume=True)
     run("killed", die_at_step=12)  # SIGKILLed after step 12; its newest checkpoint is step 8's
 """.replace("STEPS", str(STEPS))
 
@@ -75,7 +77,8 @@ def result(out: Path, rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    """One 2-rank launch: DDP, FSDP, FSDP stopped by SIGUSR1 after step 5, FSDP killed after step 12."""
+    """One 2-rank launch: DDP, FSDP, FSDP stopped by SIGUSR1 after step 5, DDP stopped so and resumed, FSDP killed
+    after step 12."""
     tmp = tmp_path_factory.mktemp("fsdp")
     done = launch(tmp)
     assert not (tmp / "killed" / "summary.json").exists()
@@ -117,3 +120,14 @@ def test_signal_to_one_rank_stops_both_with_a_checkpoint_that_resumes_on_one_ran
     # 1 rank sums the gradient of the global batch of 16 at once, 2 ranks in two halves: fp32 rounding only
     losses_1, losses_2 = losses(tmp / "stopped"), losses(tmp / "fsdp")
     torch.testing.assert_close(torch.tensor(losses_1), torch.tensor(losses_2), rtol=1e-5, atol=1e-5)
+
+
+def test_signal_to_one_ddp_rank_stops_both_and_resume_is_bitwise(
+    runs: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    stopped, tmp = runs
+    saved = tmp / "ddp-stopped" / "last.pt"
+    for rank in range(2):
+        assert f"rank {rank}: stopped by SIGUSR1 after step 5; checkpoint {saved}" in stopped.stdout
+    assert result(tmp / "ddp-stopped")["sha"] == result(tmp / "ddp")["sha"]
+    assert losses(tmp / "ddp-stopped") == losses(tmp / "ddp")
