@@ -74,8 +74,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--fsdp",
         action="store_true",
         help="shard parameters, gradients and optimizer state with FSDP2 (under torchrun, or on one\n"
-        "process); sharded checkpoints in last.dcp/ that resume on any number of ranks (docs/distributed.md).\n"
-        f"SIGTERM or SIGUSR1 (any run) checkpoints after the current step and exits with status {EXIT_PREEMPTED}",
+        "process); sharded checkpoints in last.dcp/ that resume on any number of ranks (docs/distributed.md)",
+    )
+    p.epilog = (
+        f"exit status: 0 done, {EXIT_FAILED} the run failed, {EXIT_USAGE} usage error, {EXIT_PREEMPTED} preempted: "
+        "SIGTERM or SIGUSR1 checkpointed after the current step (rerun with --resume)"
     )
     add_common_options(p)
 
