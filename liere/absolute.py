@@ -48,8 +48,12 @@ class LearnedAbsolute(PositionEncoding):
             raise ValueError(f"grid_shape must be 1 to 3 positive ints, got {grid_shape!r}")
         super().__init__(head_dim, num_axes=len(grid_shape))
         self.dim = check_positive_int(dim, "dim")
-        self.grid_shape = grid_shape
-        self.table = nn.Parameter(torch.randn(1, dim, *grid_shape) * init_std)
+        self.grid_shape, self.init_std = grid_shape, init_std
+        self.table = nn.Parameter(torch.empty(1, dim, *grid_shape))
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return {"table": torch.randn(self.table.shape) * self.init_std}
 
     def add_to_tokens(self, x: Tensor, coords: Tensor | Grid) -> Tensor:
         if isinstance(x, Proxy):  # torch.fx symbolic tracing: this call as one node

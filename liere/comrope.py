@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from liere.block_exp import generator_exponentials, resolve_recompute
 from liere.coords import Progression
 from liere.encoding import LearnedEncoding, check_block_size
-from liere.linalg import block_diag, pair_block_params, skew_from_params
+from liere.linalg import block_diag, num_skew_params, pair_block_params, skew_from_params
 from liere.rope import rope_frequencies
 from liere.rotations import Rotations
 
@@ -56,18 +56,26 @@ class ComRoPE(LearnedEncoding):
         self.variant, self.block_size, self.method = variant, check_block_size(block_size), method
         self.recompute = resolve_recompute(recompute, block_size)
         why = f"block_size={block_size}"
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta, seed)
         num_blocks = self.rot_dim // block_size
         if variant == "ap" and num_blocks < num_axes:
             raise ValueError(f"variant 'ap' needs at least num_axes={num_axes} blocks, got {num_blocks}")
-        gen = self.init_generator(seed)
-        freqs = rope_frequencies(2 * num_blocks * (block_size // 2), self.theta).reshape(num_blocks, -1)
-        self.blocks = nn.Parameter(pair_block_params(freqs, block_size).expand(depth, num_heads, -1, -1).clone())
+        self.blocks = nn.Parameter(torch.empty(depth, num_heads, num_blocks, num_skew_params(block_size)))
         if variant == "ld":
-            direction = torch.randn(depth, num_heads, num_axes, num_blocks, generator=gen)
-            self.scales = nn.Parameter(direction / direction.norm(dim=2, keepdim=True))
+            self.scales = nn.Parameter(torch.empty(depth, num_heads, num_axes, num_blocks))
         else:
-            self.register_buffer("axis_of_block", torch.arange(num_blocks) % num_axes, persistent=False)
+            self.register_buffer("axis_of_block", torch.empty(num_blocks, dtype=torch.long), persistent=False)
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        b, num_blocks = self.block_size, self.rot_dim // self.block_size
+        freqs = rope_frequencies(2 * num_blocks * (b // 2), self.theta).reshape(num_blocks, -1)
+        state = {"blocks": pair_block_params(freqs, b).expand(self.depth, self.num_heads, -1, -1).clone()}
+        if self.variant == "ap":
+            return state | {"axis_of_block": torch.arange(num_blocks) % self.num_axes}
+        gen = self.init_generator(self.seed)
+        direction = torch.randn(self.depth, self.num_heads, self.num_axes, num_blocks, generator=gen)
+        return state | {"scales": direction / direction.norm(dim=2, keepdim=True)}
 
     def _axis_weights(self, dtype: torch.dtype) -> Tensor:
         """Weight of axis ``a`` in block ``j``'s generator, ``(depth | 1, num_heads | 1, num_axes, num_blocks)``."""

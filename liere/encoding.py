@@ -89,6 +89,11 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
     Buffers named in ``fp32_buffers`` (fixed frequency tables) keep their dtype when the module is cast
     (``model.to(torch.bfloat16)``): only their device follows. Outside training the rotations are computed once
     and cached (``liere.cache``: ``cache_size``, ``clear_cache()``, ``cache_nbytes``).
+
+    Initial values come from ``initial_state()`` (every parameter and buffer, computed on the CPU) through
+    ``reset_parameters()``, which construction calls: an encoding built under ``torch.device("meta")`` allocates
+    nothing and draws no random numbers; after ``to_empty(device=...)``, ``reset_parameters()`` gives it the values
+    a normal construction gives under the same seed (the FSDP recipe: build on meta, shard, ``to_empty``, init).
     """
 
     uses_progression: ClassVar[bool] = False
@@ -161,6 +166,29 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
         return {name for name, _ in self.named_parameters()}
 
+    def initial_state(self) -> dict[str, Tensor]:
+        """Initial values of every parameter and buffer of this module, by name; called on the CPU (a seeded encoding
+        draws from its own generator, others from the global torch RNG). None here: encodings with tensors override.
+        """
+        return {}
+
+    def reset_parameters(self) -> None:
+        """Set every parameter and buffer to ``initial_state()`` in place, on the device (and in the dtype) it lives
+        on now; a no-op while they are on ``meta`` (nothing to fill, no random numbers drawn)."""
+        own = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        if any(tensor.is_meta for tensor in own.values()):
+            return
+        with torch.device("cpu"):
+            values = self.initial_state()
+        if missing := sorted(own.keys() - values.keys()):
+            raise NotImplementedError(
+                f"{type(self).__name__}.initial_state() does not give {missing}: it must return the initial value of "
+                "every parameter and buffer, so the encoding can be initialised after meta-device construction"
+            )
+        with torch.no_grad():
+            for name, value in values.items():
+                own[name].copy_(value)
+
     def extra_repr(self) -> str:
         fields = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name)]
         held = self.cache_nbytes
@@ -171,7 +199,9 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         kept = {name: getattr(self, name) for name in self.fp32_buffers}
         super()._apply(fn, recurse)
         for name, before in kept.items():
-            self._buffers[name] = before.to(device=self._buffers[name].device)
+            after = self._buffers[name]
+            if after.dtype != before.dtype:  # a cast: keep the exact values, follow the device only
+                self._buffers[name] = before.to(device=after.device)
         return self
 
 
@@ -179,8 +209,8 @@ class LearnedEncoding(PositionEncoding):
     """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``).
 
     Validates and stores ``num_heads``, the rotated width ``rot_dim`` (a multiple of ``multiple``) and the
-    frequency base ``theta`` (``default_theta`` when None; it only sets initial values); ``init_generator`` seeds
-    the initialisation.
+    frequency base ``theta`` (``default_theta`` when None; it only sets initial values) and the initialisation
+    ``seed`` (None: the global RNG); ``init_generator`` turns it into a generator.
     """
 
     stored_settings = (*PositionEncoding.stored_settings, "num_heads", "depth", "rot_dim")
@@ -195,8 +225,10 @@ class LearnedEncoding(PositionEncoding):
         multiple: int,
         why: str,
         theta: float | None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(head_dim, num_axes, depth)
+        self.seed = seed
         self.num_heads = check_positive_int(num_heads, "num_heads")
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, multiple, why)
         self.theta = default_theta(num_axes) if theta is None else check_positive_float(theta, "theta")

@@ -65,22 +65,35 @@ class LieRE(LearnedEncoding):
     ) -> None:
         self.block_size = check_block_size(block_size)
         why = f"block_size={block_size}"
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta, seed)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.init, self.method = init, method
+        self.init, self.init_std, self.method = init, init_std, method
         self.recompute = resolve_recompute(recompute, block_size)
         self.uses_progression = block_size >= 3  # 1D grids: powers of one exponential
-        gen = self.init_generator(seed)
         num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
-        shape = (depth, num_heads, num_axes, num_blocks, m)
-        if init == "uniform":
-            params = torch.rand(shape, generator=gen) * 2 * math.pi
-        elif init == "normal":
-            params = torch.randn(shape, generator=gen) * init_std
-        else:
-            params = self._rope_init(shape, gen)
-        self.generators = nn.Parameter(params)
+        self.generators = nn.Parameter(torch.empty(depth, num_heads, num_axes, num_blocks, m))
+        if init == "rope":
+            self._check_rope_init()
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        shape, gen = self.generators.shape, self.init_generator(self.seed)
+        if self.init == "uniform":
+            return {"generators": torch.rand(shape, generator=gen) * 2 * math.pi}
+        if self.init == "normal":
+            return {"generators": torch.randn(shape, generator=gen) * self.init_std}
+        return {"generators": self._rope_init(shape, gen)}
+
+    def _check_rope_init(self) -> None:
+        """init='rope' over several axes needs an even number of feature pairs (two halves of mixed frequencies)."""
+        b, num_blocks = self.block_size, self.rot_dim // self.block_size
+        if self.num_axes > 1 and num_blocks * (b // 2) % 2:
+            width = f"rot_dim={self.rot_dim}" if self.rot_dim != self.head_dim else f"head_dim={self.head_dim}"
+            raise ValueError(
+                f"init='rope' over {self.num_axes} axes needs an even number of feature pairs, but {width} in blocks "
+                f"of block_size={b} holds {num_blocks * (b // 2)}; change head_dim/block_size or use init='normal'"
+            )
 
     def _rope_init(self, shape: tuple[int, ...], gen: torch.Generator | None) -> Tensor:
         """Put RoPE-Mixed frequencies on the ``(2k+1, 2k)`` entries of each block, zeros elsewhere.
@@ -90,12 +103,6 @@ class LieRE(LearnedEncoding):
         depth, heads, axes, num_blocks, _ = shape
         b = self.block_size
         pairs_per_block = b // 2
-        if axes > 1 and num_blocks * pairs_per_block % 2:
-            width = f"rot_dim={self.rot_dim}" if self.rot_dim != self.head_dim else f"head_dim={self.head_dim}"
-            raise ValueError(
-                f"init='rope' over {axes} axes needs an even number of feature pairs, but {width} in blocks of "
-                f"block_size={b} holds {num_blocks * pairs_per_block}; change head_dim/block_size or use init='normal'"
-            )
         freqs = mixed_frequencies(num_blocks * pairs_per_block, axes, heads, depth, self.theta, gen)
         return pair_block_params(freqs.unflatten(-1, (num_blocks, pairs_per_block)), b)
 

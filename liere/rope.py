@@ -54,6 +54,12 @@ def mixed_frequencies(
     return direction * mag
 
 
+def initial_mixed_frequencies(pe: LearnedEncoding) -> Tensor:
+    """``mixed_frequencies`` for every pair of ``pe``'s rotated width, drawn with ``pe``'s seed."""
+    gen = pe.init_generator(pe.seed)
+    return mixed_frequencies(pe.rot_dim // 2, pe.num_axes, pe.num_heads, pe.depth, pe.theta, gen)
+
+
 class RoPE(PositionEncoding):
     """Rotary position embedding (Su et al.) for 1D positions, identical to rotary-embedding-torch.
 
@@ -88,13 +94,19 @@ class RoPE(PositionEncoding):
         super().__init__(head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
         self.theta = ntk_theta(check_positive_float(theta, "theta"), self.rot_dim, theta_rescale_factor)
-        self.register_buffer("freqs", rope_frequencies(self.rot_dim, self.theta), persistent=False)
         self.offset, self.interpolate_factor = check_position_map(offset, interpolate_factor)
         self.cache_len = None if cache_len is None else check_positive_int(cache_len, "cache_len")
+        pairs = self.rot_dim // 2
+        self.register_buffer("freqs", torch.empty(pairs), persistent=False)
+        self.register_buffer("cache_cos", torch.empty(1, self.cache_len or 0, pairs), persistent=False)
+        self.register_buffer("cache_sin", torch.empty(1, self.cache_len or 0, pairs), persistent=False)
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        freqs = rope_frequencies(self.rot_dim, self.theta)
         cached = torch.arange(self.cache_len or 0, dtype=torch.float32)[None, :, None]  # (1, cache_len, 1)
-        angles = self.positions(cached)[..., None] * self.freqs  # (1, cache_len, pairs), as rotations() computes them
-        self.register_buffer("cache_cos", angles.cos(), persistent=False)
-        self.register_buffer("cache_sin", angles.sin(), persistent=False)
+        angles = self.positions(cached)[..., None] * freqs  # (1, cache_len, pairs), as rotations() computes them
+        return {"freqs": freqs, "cache_cos": angles.cos(), "cache_sin": angles.sin()}
 
     def positions(self, coords: Tensor) -> Tensor:
         """The rotated positions ``(coords + offset) / interpolate_factor``, shape ``(S, n)``."""
@@ -142,8 +154,11 @@ class AxialRoPE(PositionEncoding):
                 raise ValueError(f"head_dim={head_dim} is too small: each of the {num_axes} axes needs a feature pair")
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2 * num_axes, f"each of the {num_axes} axes rotates pairs")
         self.theta = check_positive_float(theta, "theta")
-        freqs = rope_frequencies(self.rot_dim, self.theta, step=2 * num_axes)  # (pairs per axis,)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", torch.empty(self.rot_dim // (2 * num_axes)), persistent=False)
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return {"freqs": rope_frequencies(self.rot_dim, self.theta, step=2 * self.num_axes)}  # (pairs per axis,)
 
     def rotations(self, coords: Tensor) -> Rotations:
         angles = (coords[..., :, None] * self.freqs.to(coords)).flatten(-2)  # (S, n, axes * pairs per axis)
@@ -167,10 +182,13 @@ class RoPEMixed(LearnedEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, *mixed_width(num_axes, "RoPE-Mixed"), theta)
-        gen = self.init_generator(seed)
-        init = mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen)
-        self.freqs = nn.Parameter(init)  # (depth, heads, axes, pairs)
+        multiple, why = mixed_width(num_axes, "RoPE-Mixed")
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, multiple, why, theta, seed)
+        self.freqs = nn.Parameter(torch.empty(depth, num_heads, num_axes, self.rot_dim // 2))
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return {"freqs": initial_mixed_frequencies(self)}
 
     def skew_generators(self) -> Tensor:
         """Dense commuting generators ``(depth, num_heads, num_axes, head_dim, head_dim)``: ``[[0, -w], [w, 0]]``."""

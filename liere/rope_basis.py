@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from liere.encoding import LearnedEncoding, PositionEncoding
 from liere.linalg import block_diag, num_skew_params, skew_from_params
-from liere.rope import mixed_frequencies, mixed_width
+from liere.rope import initial_mixed_frequencies, mixed_width
 from liere.rotations import Rotations
 
 
@@ -51,13 +51,20 @@ class RoPEBasis(LearnedEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            head_dim, num_axes, num_heads, depth, rot_dim, *mixed_width(num_axes, type(self).__name__), theta
-        )
-        gen = self.init_generator(seed)
-        self.freqs = nn.Parameter(mixed_frequencies(self.rot_dim // 2, num_axes, num_heads, depth, self.theta, gen))
-        self.skew = nn.Parameter(torch.zeros(depth, num_heads, num_skew_params(self.rot_dim)))
-        self.register_buffer("basis", torch.eye(self.rot_dim).expand(depth, num_heads, -1, -1).clone())
+        multiple, why = mixed_width(num_axes, type(self).__name__)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, multiple, why, theta, seed)
+        self.freqs = nn.Parameter(torch.empty(depth, num_heads, num_axes, self.rot_dim // 2))
+        self.skew = nn.Parameter(torch.empty(depth, num_heads, num_skew_params(self.rot_dim)))
+        self.register_buffer("basis", torch.empty(depth, num_heads, self.rot_dim, self.rot_dim))
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        """RoPE-Mixed frequencies, ``S = 0`` and the identity ``basis`` (``from_liere`` sets another basis)."""
+        return {
+            "freqs": initial_mixed_frequencies(self),
+            "skew": torch.zeros(self.skew.shape),
+            "basis": torch.eye(self.rot_dim).expand(self.depth, self.num_heads, -1, -1).clone(),
+        }
 
     def orthogonal_basis(self, dtype: torch.dtype | None = None) -> Tensor:
         """``Q = basis @ cayley(S)``, shape ``(depth, num_heads, rot_dim, rot_dim)``, in ``dtype`` (default: that of

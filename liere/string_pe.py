@@ -81,16 +81,19 @@ class CirculantSTRING(LearnedEncoding):
         rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 1, "", theta)
+        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 1, "", theta, seed)
         if self.rot_dim < 3:
             raise ValueError(f"rot_dim must be >= 3 for a skew circulant with free entries, got {self.rot_dim}")
-        gen = self.init_generator(seed)
-        h = (self.rot_dim - 1) // 2
-        nu = mixed_frequencies(h + h % 2, num_axes, num_heads, depth, self.theta, gen)[..., :h]
+        self.rows = nn.Parameter(torch.empty(depth, num_heads, num_axes, (self.rot_dim - 1) // 2))
+        self.reset_parameters()
+
+    def initial_state(self) -> dict[str, Tensor]:
+        gen, h = self.init_generator(self.seed), (self.rot_dim - 1) // 2
+        nu = mixed_frequencies(h + h % 2, self.num_axes, self.num_heads, self.depth, self.theta, gen)[..., :h]
         # nu[k] = 2 sum_m l[m] sin(2 pi m k / r) for k, m = 1..h: an invertible (DST) linear map
         k = torch.arange(1, h + 1, dtype=torch.float64)
         dst = 2 * torch.sin(2 * torch.pi * k[:, None] * k[None, :] / self.rot_dim)
-        self.rows = nn.Parameter(torch.linalg.solve(dst, nu.double().unsqueeze(-1)).squeeze(-1).float())
+        return {"rows": torch.linalg.solve(dst, nu.double().unsqueeze(-1)).squeeze(-1).float()}
 
     def first_rows(self, dtype: torch.dtype | None = None) -> Tensor:
         """First rows ``l_a`` of the generators, ``(depth, num_heads, num_axes, rot_dim)``, in ``dtype`` (default:

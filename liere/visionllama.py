@@ -37,7 +37,9 @@ class VisionLlamaRoPE(AxialRoPE):
             raise ValueError(f"coord_convention must be one of {COORD_CONVENTIONS}, got {coord_convention!r}")
         super().__init__(head_dim, num_axes, theta=math.exp(4), rot_dim=rot_dim)
         self.coord_convention = coord_convention
-        self.freqs = torch.exp(-4 * torch.linspace(0, 1, self.rot_dim // (2 * num_axes)))
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return {"freqs": torch.exp(-4 * torch.linspace(0, 1, self.rot_dim // (2 * self.num_axes)))}
 
     def rotations(self, coords: Tensor) -> Rotations:
         if self.coord_convention == "paper":

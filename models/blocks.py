@@ -6,9 +6,17 @@ identity rotations of additive encodings make the same code path serve every fac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch built without torch.distributed: nothing is ever sharded
+    DTensor = distribute_tensor = None
 
 from liere import PositionEncoding, Rotations, build, rotary_attention
 from liere.encoding import check_positive_int
@@ -130,24 +138,71 @@ class Transformer(nn.Module):
 WEIGHT_INITS = ("trunc_normal", "xavier")
 
 
-def init_weights(model: nn.Module, scheme: str = "trunc_normal") -> None:
-    """Initialise every ``nn.Linear`` in ``model`` (weights by ``scheme``, biases zero).
+def check_weight_init(scheme: str) -> str:
+    """Return ``scheme`` if it is one of ``WEIGHT_INITS``, else raise naming ``weight_init``."""
+    if scheme not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {scheme!r}")
+    return scheme
+
+
+def init_weights(model: nn.Module, scheme: str = "trunc_normal", normal: Iterable[tuple[nn.Module, str]] = ()) -> None:
+    """Initialise every ``nn.Linear`` in ``model`` (weights by ``scheme``, biases zero), then the parameters
+    ``getattr(module, name)`` of ``normal`` by ``trunc_normal(std=0.02)`` (tokens and embeddings).
 
     ``"trunc_normal"`` is timm's ViT default, ``std=0.02`` at any width. ``"xavier"`` is ``xavier_uniform``
     (timm's ``jax`` scheme), ``std = sqrt(2 / (fan_in + fan_out))``: at width 64 that is 4x larger, so the
     initial attention logits are ~20x larger and attention starts learning at once instead of after a
-    seed-dependent plateau (RESULTS.md, "Stability").
+    seed-dependent plateau (RESULTS.md, "Stability"). Sharded (FSDP) parameters get the values of an unsharded
+    model (``full_parameters``).
     """
-    if scheme not in WEIGHT_INITS:
-        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {scheme!r}")
+    check_weight_init(scheme)
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            if scheme == "xavier":
-                nn.init.xavier_uniform_(module.weight)
-            else:
-                nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            with full_parameters(module):
+                if scheme == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    for module, name in normal:
+        with full_parameters(module):
+            nn.init.trunc_normal_(getattr(module, name), std=0.02)
+
+
+def reset_submodules(model: nn.Module) -> None:
+    """Call every submodule's own ``reset_parameters()`` (linear, conv, norm and embedding layers, the position
+    encoding) in registration order, which is construction order: the random numbers a construction draws, drawn
+    again in the same order, so that a ``meta``-built, ``to_empty``'d model can be initialised like a normal one."""
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reset_parameters", None)):
+            with full_parameters(module):
+                module.reset_parameters()
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """Inside, ``module``'s own sharded (``DTensor``, as after FSDP's ``fully_shard``) parameters are full local
+    tensors of their global shape; on exit each rank keeps its shard of them. So every rank initialises the whole
+    tensor with the same random numbers as an unsharded model (all ranks must be seeded alike). A no-op for plain
+    parameters."""
+    sharded = {name: p for name, p in module.named_parameters(recurse=False) if is_sharded(p)}
+    for name, p in sharded.items():
+        full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+        module._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+    try:
+        yield
+    finally:
+        for name, p in sharded.items():
+            full = module._parameters[name].detach()
+            with torch.no_grad():
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+            module._parameters[name] = p
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def resolve_encoding(

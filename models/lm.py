@@ -8,7 +8,15 @@ from torch import Tensor, nn
 
 from liere import Grid, PositionEncoding
 from liere.encoding import check_positive_int
-from models.blocks import KVCache, Transformer, check_heads, init_weights, resolve_encoding
+from models.blocks import (
+    KVCache,
+    Transformer,
+    check_heads,
+    check_weight_init,
+    init_weights,
+    reset_submodules,
+    resolve_encoding,
+)
 
 # the 1D rotary encodings at head_dim 16 (LieRE with 4x4 blocks and dense): every one decodes with a KVCache
 ROTARY_1D = (
@@ -80,10 +88,21 @@ class CharLM(nn.Module):
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout, causal=True)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-
-        init_weights(self, weight_init)
-        nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
+        self.weight_init, self.tie_embeddings = check_weight_init(weight_init), bool(tie_embeddings)
+        init_weights(self, weight_init, [(self.token_embed, "weight")])
         if tie_embeddings:
+            self.head.weight = self.token_embed.weight
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place, on its device, to the values construction gives under the
+        same seed (``torch.manual_seed`` first): for a model built under ``torch.device("meta")`` and then
+        ``to_empty``'d, which also unties the output head (tied again here). A ready ``PositionEncoding`` passed in
+        is reset too."""
+        if self.tie_embeddings:  # construction draws the head's own weight before tying it
+            self.head.weight = nn.Parameter(torch.empty_like(self.token_embed.weight))
+        reset_submodules(self)
+        init_weights(self, self.weight_init, [(self.token_embed, "weight")])
+        if self.tie_embeddings:
             self.head.weight = self.token_embed.weight
 
     def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from liere import Grid, PositionEncoding
 from liere.fx import is_symbolic_tracing
-from models.blocks import Transformer, check_heads, init_weights, resolve_encoding
+from models.blocks import Transformer, check_heads, check_weight_init, init_weights, reset_submodules, resolve_encoding
 
 VIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(dim=192, depth=12, heads=3),
@@ -107,11 +107,19 @@ class ViT(nn.Module):
         self.transformer = Transformer(self.dim, depth, heads, mlp_ratio, dropout)
         self.norm = nn.LayerNorm(self.dim)
         self.head = nn.Linear(self.dim, num_classes)
+        self.weight_init = check_weight_init(weight_init)
+        init_weights(self, weight_init, self._normal_init())
 
-        init_weights(self, weight_init)
-        for token in (self.cls_token, self.registers):
-            if token is not None:
-                nn.init.trunc_normal_(token, std=0.02)
+    def _normal_init(self) -> list[tuple[nn.Module, str]]:
+        """The parameters initialised ``trunc_normal(std=0.02)`` after the linear layers: the prefix tokens."""
+        return [(self, name) for name in ("cls_token", "registers") if getattr(self, name) is not None]
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place, on its device, to the values construction gives under the
+        same seed (``torch.manual_seed`` first): for a model built under ``torch.device("meta")`` and then
+        ``to_empty``'d (also after FSDP's ``fully_shard``). A ready ``PositionEncoding`` passed in is reset too."""
+        reset_submodules(self)
+        init_weights(self, self.weight_init, self._normal_init())
 
     def _grid(self, spatial: tuple[int, ...], name: str) -> tuple[int, ...]:
         """Patch grid of a spatial size, checking each axis is divisible by the patch size."""

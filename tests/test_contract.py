@@ -124,3 +124,6 @@ def test_contributing_example_is_one_file_plus_one_registry_line(monkeypatch: py
     test_rotations_are_orthogonal_and_apply_as_dense("learned-rope", 1)
     test_parameters_are_named_for_no_decay_and_all_get_gradients("learned-rope", 1)
     test_grid_equals_tensor_bf16_and_inference_mode("learned-rope", 1)
+    from tests.test_meta import test_encoding_built_on_meta_resets_to_a_normal_build
+
+    test_encoding_built_on_meta_resets_to_a_normal_build("learned-rope", 1)

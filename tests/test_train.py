@@ -12,7 +12,7 @@ import torch
 
 from train.loop import cosine_schedule, param_groups, train
 from train.presets import RunConfig, preset_config
-from train.tasks import SeededOrder
+from train.tasks import SeededOrder, load_task
 
 
 def _losses(run_dir) -> list[float]:
@@ -71,6 +71,14 @@ def test_seeded_order_is_a_sharded_permutation():
     ranks = [order.indices(7, 4, rank, 2) for rank in range(2)]
     assert sorted(ranks[0] + ranks[1]) == sorted(order.indices(7, 4))
     assert SeededOrder(10, seed=3).indices(7, 4) == order.indices(7, 4)
+
+
+def test_ranks_read_their_share_of_the_one_process_batch():
+    task = load_task(preset_config("smoke", "digits", batch_size=16, steps=4, device="cpu"))
+    x, y = next(task.batches(2))
+    shares = [next(task.batches(2, rank, 2)) for rank in range(2)]
+    for rank, (x_rank, y_rank) in enumerate(shares):  # rank r of 2 takes items r, r + 2, ... of the global batch
+        assert torch.equal(x_rank, x[rank::2]) and torch.equal(y_rank, y[rank::2])
 
 
 def test_bad_config_names_the_argument():

@@ -1,7 +1,9 @@
 """Train one run: ``python -m train --task arrow --encoding liere8 --preset cpu --out runs/arrow-liere8``.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m train ...`` (DistributedDataParallel; the batch
-size is the global batch). ``--resume`` continues the run in ``--out`` exactly where its checkpoint left off.
+size is the global batch), ``--fsdp`` for FSDP2 sharding (docs/distributed.md). ``--resume`` continues the run in
+``--out`` exactly where its checkpoint left off. SIGTERM/SIGUSR1 checkpoint after the current step and exit with
+status 75.
 """
 
 from __future__ import annotations

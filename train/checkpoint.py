@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -170,34 +171,45 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"checkpoint {path} is corrupt: its config does not match its stored hash")
     if state["format_version"] >= 2 and state.get("checksum") != checksum(state):
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match its stored checksum")
-    try:
-        check_spec(state["model_spec"])
-    except ModelSpecError as err:
-        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+    check_model_spec(path, state)
     return state
 
 
+def check_model_spec(path: str | Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model spec is not on the allow-list of ``models.registry`` (nothing is built)."""
+    try:
+        check_spec(state.get("model_spec"))
+    except ModelSpecError as err:
+        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+
+
 def find_valid(
-    run_dir: str | Path, map_location: str | torch.device = "cpu", names: Iterable[str] = (LAST, PREV)
+    run_dir: str | Path,
+    map_location: str | torch.device = "cpu",
+    names: Iterable[str] = (LAST, PREV),
+    reader: Callable[[Path], dict[str, Any]] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of ``run_dir`` that reads and verifies, with its state; None if there is none.
 
     A corrupt ``last.pt`` is renamed ``last.pt.corrupt`` (kept for inspection, never rotated over ``prev.pt``)
     and the run falls back to ``prev.pt`` with a warning on stderr. If every present checkpoint is bad, raises
-    ``CheckpointError`` describing each.
+    ``CheckpointError`` describing each. ``reader`` (default ``read``) reads and verifies one checkpoint (file or
+    folder: ``train.dcp_checkpoint.read``).
     """
     run_dir, errors = Path(run_dir), []
     for name in names:
         path = run_dir / name
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            state = read(path, map_location)
+            state = read(path, map_location) if reader is None else reader(path)
         except CheckpointError as err:
             errors.append((path, err))
             continue
         for bad, err in errors:
             kept = bad.with_name(bad.name + ".corrupt")
+            if kept.is_dir():
+                shutil.rmtree(kept)
             os.replace(bad, kept)
             warn(f"{err}; moved it to {kept.name}, resuming from {path} (step {state['step']})")
         return path, state
@@ -229,8 +241,12 @@ def load_state_dict(path: str | Path, module: nn.Module, state_dict: dict[str, A
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a checkpoint, rebuilt from its stored spec (checked by ``read`` against the allow-list
-    of ``models.registry``) and weights, in eval mode."""
+    """The trained model of a checkpoint (a file, or a ``--fsdp`` run's ``last.dcp`` folder), rebuilt from its stored
+    spec (checked against the allow-list of ``models.registry``) and weights, in eval mode."""
+    if Path(path).is_dir():
+        from train import dcp_checkpoint  # it imports this module
+
+        return dcp_checkpoint.load_model(Path(path)).to(map_location)
     state = read(path, map_location)
     model = build_model(state["model_spec"])
     load_state_dict(path, model, state["model"], "model")

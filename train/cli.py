@@ -3,8 +3,9 @@
 Exit statuses (``EXIT_STATUSES``, shown in ``--help``): 1 a run failed (divergence, a stalled DDP rank),
 2 a usage error (bad options, wrong or busy folders, unusable or refused checkpoints), 3 a file could not be
 written (disk full, file too large: the last good checkpoint is kept, ``--resume`` continues once there is
-space), 130 interrupted. Anything else is a bug and keeps its traceback. ``--debug`` shows the traceback of
-every error.
+space), 75 the run was stopped by SIGTERM/SIGUSR1 after writing its checkpoint (``EXIT_PREEMPTED``: rerun with
+``--resume``), 130 interrupted. Anything else is a bug and keeps its traceback. ``--debug`` shows the traceback
+of every error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from models.blocks import WEIGHT_INITS
 from train import machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
+from train.preemption import EXIT_PREEMPTED, Preempted
 from train.run_dir import WriteFailed
 
 USAGE_ERRORS = (ValueError, CheckpointError, FileExistsError, FileNotFoundError)  # RunFolderError is a ValueError
@@ -27,7 +29,8 @@ EXIT_USAGE, EXIT_FAILED, EXIT_WRITE, EXIT_INTERRUPTED = 2, 1, 3, 130
 EXIT_STATUSES = (
     "exit status: 0 done; 1 the run failed (diverged, a DDP rank stalled); 2 usage error (options, folders,\n"
     "checkpoints); 3 a file could not be written (e.g. disk full: the last good checkpoint is kept, --resume\n"
-    "continues once there is space); 130 interrupted. --debug shows the traceback of an error."
+    "continues once there is space); 75 preempted: SIGTERM or SIGUSR1 checkpointed after the current step (rerun\n"
+    "with --resume); 130 interrupted. --debug shows the traceback of an error."
 )
 
 
@@ -75,12 +78,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="under torchrun: seconds a collective waits for a silent rank before the job\n"
         "fails naming it (default: 600)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state with FSDP2 (under torchrun, or on one\n"
+        "process); sharded checkpoints in last.dcp/ that resume on any number of ranks (docs/distributed.md)",
+    )
     add_common_options(p)
 
 
 def train_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``train.loop.train`` keyword arguments given by ``add_run_options`` (and ``--quiet``)."""
-    return {"quiet": args.quiet, "on_nonfinite": args.on_nonfinite, "ddp_timeout": args.ddp_timeout}
+    return {
+        "quiet": args.quiet,
+        "on_nonfinite": args.on_nonfinite,
+        "ddp_timeout": args.ddp_timeout,
+        "fsdp": args.fsdp,
+    }
 
 
 def set_threads(args: argparse.Namespace) -> str:
@@ -102,6 +116,9 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_WRITE if isinstance(err, WriteFailed) else EXIT_USAGE
         sys.exit(EXIT_FAILED if isinstance(err, RUN_FAILURES) else code)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         if "--debug" in args:
             raise

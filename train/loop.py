@@ -5,8 +5,10 @@
 checkpoints, ``summary.json`` (``train.summaries.RunSummary``) and ``tb/`` when TensorBoard is installed.
 It runs in three parts: ``restore`` (lock the folder, build model and optimizer, load a checkpoint),
 ``train_step`` (one optimizer step, refusing non-finite losses and gradients) and ``finish`` (test metrics
-and the summary). Under ``torchrun`` it trains with ``DistributedDataParallel``: rank ``r`` reads its share
-of each seeded global batch, metrics are all-reduced and only rank 0 writes files.
+and the summary). Under ``torchrun`` it trains with ``DistributedDataParallel``, or with ``fsdp=True`` with FSDP2
+(``train.distributed``, sharded checkpoints ``last.dcp/``: ``train.dcp_checkpoint``): rank ``r`` reads its share
+of each seeded global batch, metrics are all-reduced and only rank 0 writes files. SIGTERM or SIGUSR1 stops the
+run after the step in progress, with a checkpoint (``train.preemption``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from liere.analysis import position_metrics
-from train import checkpoint
+from models.blocks import is_sharded
+from train import checkpoint, dcp_checkpoint, distributed
 from train import run_dir as layout
+from train.preemption import Preempted, StopSignals
 from train.presets import RunConfig
 from train.summaries import Divergence, RunSummary
 from train.tasks import Task, autocast, load_task
@@ -178,9 +182,10 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 def state_sha256(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict (names and exact bytes): equal iff the weights are bitwise equal."""
+    """SHA-256 of the model's (full, also when sharded) state dict (names and exact bytes): equal iff the weights
+    are bitwise equal. A collective for a sharded model."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(distributed.full_state_dict(model).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -195,14 +200,16 @@ def evaluate(task: Task, model: nn.Module, split: str, device: torch.device, ran
     """Task metrics of ``model`` on ``split`` (``val``/``test``), all-reduced over processes."""
     was_training = model.training
     model.eval()
-    stats = all_reduce(task.eval_stats(model, split, device, rank, world))
+    with distributed.gathered(model):  # sharded: ranks may evaluate different numbers of batches
+        stats = all_reduce(task.eval_stats(model, split, device, rank, world))
     model.train(was_training)
     return task.summarize(stats)
 
 
-def run_guard(config: RunConfig, world_size: int) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the config's trajectory fields and the process count."""
-    return config.trajectory() | {"world_size": world_size}
+def run_guard(config: RunConfig, world_size: int, fsdp: bool = False) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config's trajectory fields and the process count; for
+    ``fsdp`` runs, whose sharded checkpoints load on any number of processes, ``fsdp`` instead of the count."""
+    return config.trajectory() | ({"fsdp": True} if fsdp else {"world_size": world_size})
 
 
 def format_duration(seconds: float) -> str:
@@ -283,28 +290,36 @@ class Run:
     skipped: int = 0
     process_start: int = 0  # the step this process started from (its first steps are left out of the timing)
     saved: tuple[str, int] | None = None  # the newest checkpoint of the run: (path, step)
+    fsdp: bool = False  # sharded with FSDP2: DCP checkpoints
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.wall_start
 
     def save(self) -> None:
-        """Checkpoint (rank 0): everything ``restore`` needs to continue bitwise identically."""
-        path = self.run_dir / layout.LAST
-        if self.rank == 0:
-            state = dict(
-                step=self.step,
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                timing=self.timing,
-                loss=self.loss,
-                val=self.val,
-                window=self.window,
-                wall_time_s=self.wall_time(),
-                skipped=self.skipped,
-            )
-            checkpoint.save(path, checkpoint.bundle(self.guard, self.task.model_spec, **state))
+        """Checkpoint (rank 0; every rank with ``fsdp``): everything ``restore`` needs to continue bitwise
+        identically."""
+        if self.fsdp:
+            state = checkpoint.bundle(self.guard, self.task.model_spec, world_size=self.world, **self.train_state())
+            path = dcp_checkpoint.save(self.run_dir, self.model, self.optimizer, self.rank, state)
+        else:
+            path = self.run_dir / layout.LAST
+            if self.rank == 0:
+                state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), **self.train_state())
+                checkpoint.save(path, checkpoint.bundle(self.guard, self.task.model_spec, **state))
         self.saved = (str(path), self.step)
+
+    def train_state(self) -> dict[str, Any]:
+        """The checkpointed state besides model and optimizer."""
+        return dict(
+            step=self.step,
+            scheduler=self.scheduler.state_dict(),
+            timing=self.timing,
+            loss=self.loss,
+            val=self.val,
+            window=self.window,
+            wall_time_s=self.wall_time(),
+            skipped=self.skipped,
+        )
 
 
 def check_folder(run_dir: Path, resume: bool, restart: bool = False) -> None:
@@ -320,13 +335,19 @@ def check_folder(run_dir: Path, resume: bool, restart: bool = False) -> None:
 
 
 def find_checkpoint(
-    config: RunConfig, run_dir: Path, resume: bool, device: torch.device, world: int
+    config: RunConfig, run_dir: Path, resume: bool, device: torch.device, rank: int, world: int, fsdp: bool = False
 ) -> tuple[Path, dict[str, Any]] | None:
-    """With ``resume``: the newest valid checkpoint of ``run_dir``, checked against ``config`` (no data needed, so
-    a bad or foreign checkpoint is refused before the data set loads). None for a fresh run."""
-    found = checkpoint.find_valid(run_dir, map_location=device) if resume else None
+    """With ``resume``: the newest valid checkpoint of ``run_dir`` (a DCP folder with ``fsdp``), checked against
+    ``config`` (no data needed, so a bad or foreign checkpoint is refused before the data set loads). None for a
+    fresh run."""
+    if not resume:
+        found = None
+    elif fsdp:
+        found = dcp_checkpoint.find_valid(run_dir, rank)
+    else:
+        found = checkpoint.find_valid(run_dir, map_location=device)
     if found is not None:
-        checkpoint.check_config(*found, run_guard(config, world))
+        checkpoint.check_config(*found, run_guard(config, world, fsdp))
     elif resume:
         refuse_lost_run(config, run_dir)
     return found
@@ -360,11 +381,13 @@ def restore(
     device: torch.device,
     rank: int,
     world: int,
+    fsdp: bool = False,
 ) -> Run:
-    """Build model, optimizer and schedule; load the checkpoint ``found`` (``find_checkpoint``) if any."""
-    guard = run_guard(config, world)
+    """Build model (sharded with ``fsdp``), optimizer and schedule; load the checkpoint ``found``
+    (``find_checkpoint``) if any."""
+    guard = run_guard(config, world, fsdp)
     torch.manual_seed(config.seed)
-    model = task.build_model().to(device)
+    model = distributed.build_sharded_model(task, device) if fsdp else task.build_model().to(device)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(config.warmup_steps, config.steps, config.min_lr_ratio)
@@ -372,8 +395,13 @@ def restore(
     saved: dict[str, Any] = {}
     if found is not None:
         path, state = found
-        checkpoint.load_state_dict(path, model, state["model"], "model")
-        checkpoint.load_state_dict(path, optimizer, state["optimizer"], "optimizer")
+        if fsdp:
+            dcp_checkpoint.load(path, model, optimizer)
+            if state["world_size"] != world and rank == 0:
+                layout.warn(f"{path} was written by {state['world_size']} processes, resharded onto {world}")
+        else:
+            checkpoint.load_state_dict(path, model, state["model"], "model")
+            checkpoint.load_state_dict(path, optimizer, state["optimizer"], "optimizer")
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         saved = dict(
@@ -388,18 +416,21 @@ def restore(
         if rank == 0:
             print(f"[train] resuming {run_dir} from step {state['step']} of {config.steps} ({path.name})", flush=True)
     net: nn.Module = model
-    if world > 1:
+    if world > 1 and not fsdp:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
     log = MetricsLog(run_dir, saved.get("step", 0), enabled=rank == 0)
-    return Run(config, task, run_dir, device, rank, world, guard, model, net, optimizer, scheduler, log, **saved)
+    return Run(
+        config, task, run_dir, device, rank, world, guard, model, net, optimizer, scheduler, log, fsdp=fsdp, **saved
+    )
 
 
 def _grad_norm(run: Run) -> torch.Tensor:
     """Total gradient norm, clipped to ``config.grad_clip`` when that is > 0."""
     clip = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
-    return nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    norm = nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    return norm.full_tensor() if is_sharded(norm) else norm
 
 
 def _params_finite(model: nn.Module) -> bool:
@@ -475,7 +506,8 @@ def log_step(run: Run, extra: Mapping[str, float] | None, progress: Progress) ->
         run.window = dict.fromkeys(w, 0)
     if step % config.eval_every == 0 or step == config.steps:
         run.val = evaluate(run.task, run.model, "val", run.device, run.rank, run.world)
-        record |= {f"val_{k}": v for k, v in run.val.items()} | position_metrics(run.model)
+        with distributed.gathered(run.model):
+            record |= {f"val_{k}": v for k, v in run.val.items()} | position_metrics(run.model)
     if record:
         run.log.write({"step": step, **record})
 
@@ -488,7 +520,7 @@ def summarize(run: Run, test: dict[str, float], divergence: Divergence | None = 
         config=run.config.to_dict(),
         config_hash=checkpoint.config_hash(run.guard),
         model_spec=run.task.model_spec,
-        checkpoint=str(run.run_dir / layout.LAST),
+        checkpoint=str(run.run_dir / (layout.LAST_DCP if run.fsdp else layout.LAST)),
         metric=run.task.metric,
         higher_is_better=run.task.higher_is_better,
         final_loss=final_loss if math.isfinite(final_loss) else None,
@@ -531,6 +563,7 @@ def train(
     hooks: Sequence[StepHook] = (),
     ddp_timeout: float = DDP_TIMEOUT_S,
     bars: bool = True,
+    fsdp: bool = False,
 ) -> RunSummary:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json`` by rank 0).
 
@@ -543,29 +576,38 @@ def train(
     ``bars``: a tqdm bar on a terminal (else progress lines; ``train.ab`` worker processes, whose bars would
     interleave, pass False). For tests, the environment variable ``LIERE_TEST_DIE_AT_STEP`` SIGKILLs the process
     after that step (and its checkpoint, if due): a crash.
+    ``fsdp`` shards model, gradients and optimizer state with FSDP2 (also on one process) and checkpoints with DCP.
+    SIGTERM or SIGUSR1 ends the run after the step in progress with a checkpoint and raises ``Preempted``.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"--on-nonfinite: expected one of {ON_NONFINITE}, got {on_nonfinite!r}")
     run_dir, started = Path(run_dir), time.perf_counter()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device, ddp_timeout)
+    if fsdp:
+        distributed.init_single_process_group(device)
     if rank == 0:
         check_folder(run_dir, resume, restart)
-    with layout.RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
+        dcp_checkpoint.check_layout(run_dir, fsdp)
+    if fsdp:
+        distributed.check_shardable(config)
+    lock = layout.RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
+    with StopSignals() as stop, lock:
         if rank == 0:
             layout.clean_temp_files(run_dir)
+            dcp_checkpoint.clean_partial(run_dir)
             if restart:
                 layout.remove_run_files(run_dir)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
-        found = find_checkpoint(config, run_dir, resume, device, world)
+        found = find_checkpoint(config, run_dir, resume, device, rank, world, fsdp)
         task = load_task(config) if task is None else task
-        run = restore(config, run_dir, task, found, device, rank, world)
+        run = restore(config, run_dir, task, found, device, rank, world, fsdp)
         run.wall_start = started
         try:
             divergence = _loop(
-                run, Progress(run.config, run.step, not quiet and run.rank == 0, bars), on_nonfinite, hooks
+                run, Progress(run.config, run.step, not quiet and run.rank == 0, bars), on_nonfinite, hooks, stop
             )
             summary = finish(run, divergence)
         except layout.WriteFailed as err:
@@ -604,8 +646,11 @@ def _test_die_at_step() -> int | None:
     return None if value is None else int(value)
 
 
-def _loop(run: Run, progress: Progress, on_nonfinite: str, hooks: Sequence[StepHook]) -> Divergence | None:
-    """The step loop from ``run.step`` to ``config.steps``; the divergence that stopped it, if any."""
+def _loop(
+    run: Run, progress: Progress, on_nonfinite: str, hooks: Sequence[StepHook], stop: StopSignals
+) -> Divergence | None:
+    """The step loop from ``run.step`` to ``config.steps``; the divergence that stopped it, if any. Raises
+    ``Preempted`` after checkpointing when any rank got a stop signal."""
     config, die_at_step = run.config, _test_die_at_step()
     run.process_start = run.step
     workers = min(4, os.cpu_count() or 1) if run.device.type == "cuda" else 0
@@ -623,6 +668,11 @@ def _loop(run: Run, progress: Progress, on_nonfinite: str, hooks: Sequence[StepH
                 run.save()
             if run.step == die_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if run.step < config.steps and (signum := stop.agreed(run.device)):
+                if run.saved is None or run.saved[1] != run.step:
+                    run.save()
+                run.log.close()
+                raise Preempted(signum, run.step, run.saved[0])
     finally:
         progress.close()
     return None

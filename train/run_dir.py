@@ -5,6 +5,7 @@ One training run (``python -m train --out RUN``) writes into ``RUN``::
     metrics.jsonl   one JSON object per logged step (appended; a torn last line is dropped on resume)
     summary.json    the finished run's summary (``train.summaries.RunSummary``)
     last.pt         the newest checkpoint; prev.pt the one before it (``train.checkpoint``)
+    last.dcp/       instead, with --fsdp: sharded checkpoint folders last.dcp/, prev.dcp/ (``train.dcp_checkpoint``)
     evaluation.json / test_correct.pt   evaluations of the trained model (``train.ab.evaluate``)
     .lock           the pid of the process training into the folder
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from typing import Any
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LAST, PREV = "last.pt", "prev.pt"
+LAST_DCP, PREV_DCP = "last.dcp", "prev.dcp"  # sharded checkpoint folders of --fsdp runs (train.dcp_checkpoint)
 EVALUATION, CORRECT = "evaluation.json", "test_correct.pt"
 RESULTS_JSON, RESULTS_MD, REPORT = "results.json", "results.md", "report.md"
 CURVES, FINAL = "curves.png", "final.png"
@@ -150,15 +153,15 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
 
 def has_run(path: str | Path) -> bool:
     """Whether ``path`` already holds (part of) a training run: a checkpoint, a summary or a metrics log."""
-    return any((Path(path) / name).exists() for name in (LAST, PREV, SUMMARY, METRICS))
+    return any((Path(path) / name).exists() for name in (LAST, PREV, LAST_DCP, PREV_DCP, SUMMARY, METRICS))
 
 
 def remove_run_files(path: str | Path) -> list[Path]:
     """Remove a training run's files from ``path`` (checkpoints, logs, summary, evaluations) to train it again."""
-    found = [Path(path) / name for name in (LAST, PREV, SUMMARY, METRICS, EVALUATION, CORRECT)]
-    found = [file for file in found if file.is_file()]
-    for file in found:
-        file.unlink()
+    found = [Path(path) / name for name in (LAST, PREV, LAST_DCP, PREV_DCP, SUMMARY, METRICS, EVALUATION, CORRECT)]
+    found = [item for item in found if item.exists()]
+    for item in found:
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
     return found
 
 

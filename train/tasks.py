@@ -72,7 +72,8 @@ def train_subset(n: int, fraction: float, seed: int) -> Tensor:
 
 
 class _StepBatches:
-    """Batch sampler yielding ``SeededOrder`` index lists for steps ``start, start + 1, ..., stop - 1``."""
+    """Batch sampler yielding ``SeededOrder`` index lists (this rank's share of the global ``batch_size``) for steps
+    ``start, start + 1, ..., stop - 1``."""
 
     def __init__(self, order: SeededOrder, start: int, stop: int, batch_size: int, rank: int, world: int) -> None:
         self.order, self.start, self.stop = order, start, stop
@@ -139,7 +140,8 @@ class ImageTask(Task):
         if cfg.train_fraction < 1:
             dataset = torch.utils.data.Subset(dataset, train_subset(len(dataset), cfg.train_fraction, cfg.data_seed))
         order = SeededOrder(len(dataset), cfg.seed)
-        sampler = _StepBatches(order, start, cfg.steps, per_rank(cfg.batch_size, world_size), rank, world_size)
+        per_rank(cfg.batch_size, world_size)  # checks that the global batch splits evenly
+        sampler = _StepBatches(order, start, cfg.steps, cfg.batch_size, rank, world_size)  # indices takes the global B
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
 
     @torch.no_grad()

@@ -213,7 +213,7 @@ def _train_or_reuse(
 ) -> tuple[RunSummary, bool]:
     """``(summary, reused)``: a finished run's summary under ``--resume``, else train it (a diverged run gives
     its diverged summary); ``bars``: ``train``'s progress bars."""
-    done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world))) if args.resume else None
+    done = _finished(run_dir, checkpoint.config_hash(run_guard(config, world, args.fsdp))) if args.resume else None
     if done is not None:
         return done, True
     try:
@@ -307,10 +307,11 @@ def _run_one(
     summary, reused = _train_or_reuse(job.config, job.run_dir, run_task, args, world, bars)
     earlier = max(0.0, summary.wall_time_s - (time.perf_counter() - tick))
     fresh = not reused or not (job.run_dir / layout.EVALUATION).is_file()
+    saved = layout.LAST_DCP if args.fsdp else layout.LAST
     if rank == 0 and job.evaluate and fresh and summary.test_value is not None:
-        model = checkpoint.load_model(job.run_dir / layout.LAST)
+        model = checkpoint.load_model(job.run_dir / saved)
         evaluate.evaluate_run(model, run_task, job.run_dir, *evaluation, device=summary.device)
-    paths = {"checkpoint": f"{job.run_dir.name}/{layout.LAST}", "metrics_log": f"{job.run_dir.name}/{layout.METRICS}"}
+    paths = {"checkpoint": f"{job.run_dir.name}/{saved}", "metrics_log": f"{job.run_dir.name}/{layout.METRICS}"}
     run = AbRun(
         **(summary.to_dict() | paths),
         encoding=job.encoding,
