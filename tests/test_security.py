@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from models.registry import LEGACY_CLASSES, MODELS, ModelSpecError, build_model, check_spec
-from train import ab, checkpoint, evaluate
+from train import checkpoint
 from train import run_dir as layout
+from train.ab import evaluate, runner
 from train.summaries import AbResults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def ab_folder(tmp_path_factory) -> Path:
     """A finished smoke A/B folder with one liere8 run (results.json, summary.json, last.pt)."""
     out = tmp_path_factory.mktemp("sec") / "ab"
     args = ["--preset", "smoke", "--task", "digits", "--encodings", "liere8", "--steps", "10", "--evaluate", "none"]
-    ab.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--out", str(out)])
+    runner.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--out", str(out)])
     return out
 
 
@@ -57,10 +58,10 @@ def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(ab_fold
     _tamper(folder / RUN / layout.LAST, {"class": "subprocess.run", "kwargs": {"args": ["touch", str(marker)]}})
     run = folder / RUN
     commands = [
-        ("train.evaluate", [folder]),
-        ("train.evaluate", [run]),
-        ("train.inspect", [run]),
-        ("train.report", [folder]),
+        ("train.ab.evaluate", [folder]),
+        ("train.ab.evaluate", [run]),
+        ("train.ab.inspect", [run]),
+        ("train.ab.report", [folder]),
         ("train", ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]),
     ]
     for module, args in commands:
@@ -152,7 +153,7 @@ def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, fi
     (folder / layout.RESULTS_JSON).write_text(json.dumps(results))
     with pytest.raises(layout.RunFolderError, match=needle):
         AbResults.load(folder)
-    done = _cli("train.evaluate", folder)
+    done = _cli("train.ab.evaluate", folder)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert not (outside / layout.EVALUATION).exists()
 
