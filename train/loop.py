@@ -434,7 +434,8 @@ def _grad_norm(run: Run) -> torch.Tensor:
 
 
 def _params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether every parameter is finite (sharded ones gathered: a collective, reached by all ranks alike)."""
+    return all(bool(torch.isfinite(p.full_tensor() if is_sharded(p) else p).all()) for p in model.parameters())
 
 
 def _diverged(run: Run, step: int, loss: float, norm: float, cause: str = "") -> Divergence:
