@@ -107,8 +107,8 @@ class PositionEncoding(nn.Module):
         for fp64 coords) with autocast disabled (``liere.precision``).
         """
         num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
-        if is_symbolic_tracing() and (traced := traced_rotations(self, coords, num_prefix_tokens)) is not None:
-            return traced  # torch.fx: this call as one node (liere.fx)
+        if is_symbolic_tracing():  # torch.fx: this call as one node (liere.fx)
+            return traced_rotations(self, coords, num_prefix_tokens)
         values, progression = self.resolve(coords, detect_progression=self.uses_progression)
         with building(values.device.type):
             rot = self.rotations(values) if progression is None else self.rotations(values, progression=progression)
