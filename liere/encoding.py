@@ -146,9 +146,20 @@ class PositionEncoding(nn.Module):
         """Raise if a loaded state dict's settings differ from this encoding's (``liere.settings``)."""
         check_settings(self, state)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict[str, object],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``nn.Module``'s, except that a state dict without settings (saved before they were stored) loads."""
+        args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args)
-        forgive_missing_settings(prefix, args[2])  # args: local_metadata, strict, missing_keys, ...
+        forgive_missing_settings(prefix, missing_keys)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
