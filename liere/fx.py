@@ -111,6 +111,12 @@ class TracedRotations:
     def apply(self, x: Proxy) -> Proxy:
         return self.node(x.tracer).apply(x)
 
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"Rotations.{name} is not available while torch.fx traces; a traced graph can use rot[layer], "
+            "rot.for_layer(layer), rot.transpose(), rot.with_prefix(k), rot.apply(x) and rotary_attention"
+        )
+
 
 def traced_rotations(encoding: nn.Module, coords: Tensor | Grid | Proxy, num_prefix_tokens: int) -> TracedRotations:
     """Under symbolic tracing: the encoding call, to be recorded as one node (``TracedRotations``)."""

@@ -110,6 +110,19 @@ def test_create_feature_extractor_gives_intermediate_features(make, prefix: str)
         assert torch.equal(extractor(IMAGES)["attn"], seen[0])
 
 
+def test_rotations_internals_are_refused_with_a_clear_error_while_tracing() -> None:
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pe = liere.build("liere8", head_dim=HEAD_DIM, num_axes=2)
+
+        def forward(self, coords: torch.Tensor) -> torch.Tensor:
+            return self.pe(coords).to_dense()
+
+    with pytest.raises(AttributeError, match="to_dense is not available while torch.fx traces"):
+        torch.fx.symbolic_trace(Dense())
+
+
 def test_untraceable_timm_options_are_refused() -> None:
     torch.manual_seed(0)
     kwargs = dict(img_size=32, patch_size=8, depth=1, num_classes=5, embed_dim=48, num_heads=2)
