@@ -115,8 +115,8 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         can flow through the result (``liere.cache``); treat the result as read-only.
         """
         num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
-        if is_symbolic_tracing() and (traced := traced_rotations(self, coords, num_prefix_tokens)) is not None:
-            return traced  # torch.fx: this call as one node (liere.fx)
+        if is_symbolic_tracing():  # torch.fx: this call as one node (liere.fx)
+            return traced_rotations(self, coords, num_prefix_tokens)
         return cached_rotations(self, coords, num_prefix_tokens)
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
@@ -158,9 +158,20 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         """Raise if a loaded state dict's settings differ from this encoding's (``liere.settings``)."""
         check_settings(self, state)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict[str, object],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``nn.Module``'s, except that a state dict without settings (saved before they were stored) loads."""
+        args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args)
-        forgive_missing_settings(prefix, args[2])  # args: local_metadata, strict, missing_keys, ...
+        forgive_missing_settings(prefix, missing_keys)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""

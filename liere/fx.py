@@ -16,7 +16,6 @@ Coordinates must be a ``Grid`` or a tensor (a ``Proxy`` input is passed through 
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -45,15 +44,6 @@ def as_coords(arg: CoordsArg) -> Tensor | Grid:
     return Grid(*arg) if isinstance(arg, tuple) else arg
 
 
-def find_tracer(module: nn.Module, *values: object) -> Any:
-    """The tracer recording ``module``'s call: that of a ``Proxy`` among ``values`` or among ``module``'s parameters
-    and buffers as the tracer hands them out; None when nothing is symbolic (then the call can run as is)."""
-    found = [v for v in values if isinstance(v, Proxy)]
-    for sub in module.modules():
-        found += [v for name in (*sub._parameters, *sub._buffers) if isinstance(v := getattr(sub, name), Proxy)]
-    return found[0].tracer if found else None
-
-
 def call_leaf(tracer: Any, fn: Callable[..., Any], *args: object, **kwargs: object) -> Proxy:
     """Record ``fn(*args, **kwargs)`` as one ``call_function`` node (modules become references to submodules)."""
     return tracer.create_proxy("call_function", fn, args, kwargs)
@@ -75,47 +65,68 @@ def stored_rotations(head_dim: int, tensors: dict[str, Tensor]) -> Rotations:
 
 
 class TracedRotations:
-    """Stand-in for the ``Rotations`` of an encoding during symbolic tracing: the ``node`` that yields them at run
-    time, with what Python code reads at trace time: ``num_positions`` and ``depth`` (the encoding's; rotations shared
-    by all layers have depth 1 at run time, which ``for_layer`` handles there)."""
+    """Stand-in for an encoding's ``Rotations`` during symbolic tracing: how to record the node that yields them at
+    run time, and what Python code reads at trace time: ``num_positions`` and ``depth`` (the encoding's; rotations
+    shared by all layers have depth 1 at run time, which ``for_layer`` handles there).
+
+    Nodes are recorded when first needed (``apply``, ``rotary_attention``), with the tracer of the ``Proxy`` they act
+    on, and once: every layer's rotations come from the one encoding node.
+    """
 
     is_identity = False
 
-    def __init__(self, node: Proxy, head_dim: int, depth: int, num_positions: int | Proxy) -> None:
-        self.node, self.head_dim, self.depth, self.num_positions = node, head_dim, depth, num_positions
+    def __init__(self, record: Callable[[Any], Proxy], head_dim: int, depth: int, num_positions: int | Proxy) -> None:
+        self.record, self.head_dim, self.depth, self.num_positions = record, head_dim, depth, num_positions
+        self._node: Proxy | None = None
+
+    def node(self, tracer: Any) -> Proxy:
+        """The node yielding these rotations (recorded on the first call)."""
+        if self._node is None:
+            self._node = self.record(tracer)
+        return self._node
+
+    def _then(self, method: str, *args: object, depth: int | None = None, extra: int = 0) -> TracedRotations:
+        """These rotations' ``method(*args)`` at run time."""
+
+        def record(tracer: Any) -> Proxy:
+            return getattr(self.node(tracer), method)(*args)
+
+        return TracedRotations(record, self.head_dim, depth or self.depth, self.num_positions + extra)
 
     def __len__(self) -> int:
         return self.depth
 
     def __getitem__(self, layer: int) -> TracedRotations:
-        return TracedRotations(call_leaf(self.node.tracer, operator.getitem, self.node, layer), self.head_dim, 1,
-                               self.num_positions)  # fmt: skip
+        return self._then("__getitem__", layer, depth=1)
 
     def for_layer(self, layer: int) -> TracedRotations:
-        return TracedRotations(self.node.for_layer(layer), self.head_dim, 1, self.num_positions)
+        return self._then("for_layer", layer, depth=1)
 
     def with_prefix(self, num_prefix_tokens: int) -> TracedRotations:
-        node = self.node.with_prefix(num_prefix_tokens)
-        return TracedRotations(node, self.head_dim, self.depth, self.num_positions + num_prefix_tokens)
+        return self._then("with_prefix", num_prefix_tokens, extra=num_prefix_tokens)
 
     def transpose(self) -> TracedRotations:
-        return TracedRotations(self.node.transpose(), self.head_dim, self.depth, self.num_positions)
+        return self._then("transpose")
 
-    def apply(self, x: Tensor | Proxy) -> Proxy:
-        return self.node.apply(x)
+    def apply(self, x: Proxy) -> Proxy:
+        return self.node(x.tracer).apply(x)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"Rotations.{name} is not available while torch.fx traces; a traced graph can use rot[layer], "
+            "rot.for_layer(layer), rot.transpose(), rot.with_prefix(k), rot.apply(x) and rotary_attention"
+        )
 
 
-def traced_rotations(
-    encoding: nn.Module, coords: Tensor | Grid | Proxy, num_prefix_tokens: int
-) -> TracedRotations | None:
-    """Under symbolic tracing: the encoding call as one node (``TracedRotations``), or None when it can run as is (a
-    fixed encoding on concrete coordinates: its rotations become constants of the graph)."""
-    tracer = find_tracer(encoding, coords)
-    if tracer is None:
-        return None
-    node = call_leaf(tracer, encoding_rotations, encoding, coords_arg(coords), num_prefix_tokens)
+def traced_rotations(encoding: nn.Module, coords: Tensor | Grid | Proxy, num_prefix_tokens: int) -> TracedRotations:
+    """Under symbolic tracing: the encoding call, to be recorded as one node (``TracedRotations``)."""
+    arg = coords_arg(coords)
     n = coords.num_positions if isinstance(coords, Grid) else coords.shape[-2]
-    return TracedRotations(node, encoding.head_dim, encoding.depth, n + num_prefix_tokens)
+
+    def record(tracer: Any) -> Proxy:
+        return call_leaf(tracer, encoding_rotations, encoding, arg, num_prefix_tokens)
+
+    return TracedRotations(record, encoding.head_dim, encoding.depth, n + num_prefix_tokens)
 
 
 def traced_add_to_tokens(encoding: nn.Module, x: Proxy, coords: Tensor | Grid | Proxy) -> Proxy:
@@ -124,10 +135,9 @@ def traced_add_to_tokens(encoding: nn.Module, x: Proxy, coords: Tensor | Grid | 
 
 
 def rotations_node(rot: Rotations | TracedRotations, tracer: Any) -> Proxy:
-    """The node yielding ``rot`` at run time (concrete ``Rotations``: rebuilt from their tensors, graph constants)."""
+    """The node yielding ``rot`` at run time (``Rotations`` made outside an encoding: rebuilt from their tensors,
+    which become constants of the graph)."""
     if isinstance(rot, TracedRotations):
-        return rot.node
+        return rot.node(tracer)
     stored = {name: t for name in ("cos", "sin", "blocks", "basis") if (t := getattr(rot, name)) is not None}
-    if not stored:
-        stored = {"shape": rot._lead}
-    return call_leaf(tracer, stored_rotations, rot.head_dim, stored)
+    return call_leaf(tracer, stored_rotations, rot.head_dim, stored or {"shape": rot._lead})

@@ -66,6 +66,15 @@ def test_symbolic_trace_of_models_equals_eager(make, spec: str) -> None:
         assert torch.equal(traced(IMAGES), model(IMAGES))
 
 
+@pytest.mark.parametrize("spec", ["axial-rope", "liere8"])
+def test_a_traced_model_follows_casts_like_the_eager_one(spec: str) -> None:
+    """Nothing is frozen into the graph: the encoding runs at run time on the cast model's parameters and buffers."""
+    model = tiny_vit(spec)
+    traced = torch.fx.symbolic_trace(model).double()
+    with torch.no_grad():
+        assert torch.equal(traced(IMAGES.double()), model.double()(IMAGES.double()))
+
+
 def timm_fx_model(model: nn.Module, train: bool) -> nn.Module:
     """timm's ``_create_fx_model`` (tests/test_models.py): the last node of the train and eval graphs, traced with
     timm's leaf modules and functions and constant parameter shapes."""
@@ -99,6 +108,19 @@ def test_create_feature_extractor_gives_intermediate_features(make, prefix: str)
     with torch.no_grad():
         model(IMAGES)
         assert torch.equal(extractor(IMAGES)["attn"], seen[0])
+
+
+def test_rotations_internals_are_refused_with_a_clear_error_while_tracing() -> None:
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pe = liere.build("liere8", head_dim=HEAD_DIM, num_axes=2)
+
+        def forward(self, coords: torch.Tensor) -> torch.Tensor:
+            return self.pe(coords).to_dense()
+
+    with pytest.raises(AttributeError, match="to_dense is not available while torch.fx traces"):
+        torch.fx.symbolic_trace(Dense())
 
 
 def test_untraceable_timm_options_are_refused() -> None:
