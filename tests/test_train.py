@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from train.loop import cosine_schedule, param_groups, train
 from train.presets import RunConfig, preset_config
-from train.tasks import SeededOrder
+from train.tasks import SeededOrder, load_task
 
 
 def _losses(run_dir) -> list[float]:
@@ -26,8 +28,8 @@ def test_image_loss_falls_and_log_written(tmp_path):
     assert [r["step"] for r in records if "val_accuracy" in r] == [50, 100]
     assert {"step", "loss", "lr", "images_per_s"} <= records[0].keys()
     assert summary.test["accuracy"] > 0.2  # chance is 0.1
-    stored = torch.load(tmp_path / "last.pt")["model"]  # weights, and the encoding's settings (not parameters)
-    assert summary.params == sum(v.numel() for k, v in stored.items() if not k.endswith("_extra_state"))
+    weights = torch.load(tmp_path / "last.pt")["model"]
+    assert summary.params == sum(v.numel() for k, v in weights.items() if not k.endswith("_extra_state"))
     assert summary.step_time_ms > 0 and summary.peak_memory_kind == "cpu_rss"
 
 
@@ -72,6 +74,14 @@ def test_seeded_order_is_a_sharded_permutation():
     assert SeededOrder(10, seed=3).indices(7, 4) == order.indices(7, 4)
 
 
+def test_ranks_read_their_share_of_the_one_process_batch():
+    task = load_task(preset_config("smoke", "digits", batch_size=16, steps=4, device="cpu"))
+    x, y = next(task.batches(2))
+    shares = [next(task.batches(2, rank, 2)) for rank in range(2)]
+    for rank, (x_rank, y_rank) in enumerate(shares):  # rank r of 2 takes items r, r + 2, ... of the global batch
+        assert torch.equal(x_rank, x[rank::2]) and torch.equal(y_rank, y[rank::2])
+
+
 def test_bad_config_names_the_argument():
     with pytest.raises(ValueError, match="batch_size"):
         RunConfig(batch_size=0)
@@ -102,3 +112,9 @@ def test_step_hooks_add_per_step_metrics(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert seen == [1, 2, 3, 4, 5, 6] and [r["step"] for r in records] == seen  # one record per step
     assert all(r["generator_norm"] > 0 for r in records) and "loss" in records[4]
+
+
+def test_training_loads_no_plotting_stack():
+    check = "import sys, train.loop, train.__main__; assert 'matplotlib' not in sys.modules, 'matplotlib loaded'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
