@@ -153,8 +153,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _run_folder(args: argparse.Namespace) -> Path:
     stem = f"ab-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.task)}"
-    if args.out:
-        return Path(args.out)
+    if args.out is not None:
+        return layout.check_out(args.out)
     if args.resume:
         previous = sorted(Path("runs").glob(f"{stem}-*"))
         if not previous:

@@ -76,6 +76,19 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteFailed(f"cannot write {path}: {cause.strerror or cause}") from cause
 
 
+def check_out(out: str | Path) -> Path:
+    """``--out`` as a path; ``RunFolderError`` when it is empty, a filesystem root or the home folder itself
+    (a run writes, and with ``--restart`` removes, files directly in its folder)."""
+    if not str(out).strip():
+        raise RunFolderError("--out is empty; name a folder for the run, e.g. runs/NAME")
+    path = Path(out)
+    resolved = path.expanduser().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        what = "the home folder" if resolved == Path.home().resolve() else "a filesystem root"
+        raise RunFolderError(f"--out {str(out)!r} is {what}; name a folder inside it for the run, e.g. runs/NAME")
+    return path
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (something was repaired or skipped; the run goes on)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
