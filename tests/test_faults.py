@@ -41,11 +41,6 @@ def _env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def _cli(module: str, *args: object) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-
-
 def _train_limited(limit: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python -m train`` with files limited to ``limit`` bytes (``ulimit -f``)."""
     cmd = [sys.executable, "-c", WITH_FILE_LIMIT, str(limit), *ARGS, "--out", str(out), *extra]
@@ -57,22 +52,6 @@ def _one_error_line(done: subprocess.CompletedProcess, status: int) -> str:
     error = [line for line in done.stderr.splitlines() if not line.startswith(("warning:", "note:"))]
     assert len(error) == 1 and error[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
     return error[0]
-
-
-@pytest.fixture
-def command(capsys):
-    """``command(main, *args)``: run a command-line ``main`` in this process as ``cli.run`` does, expecting it to
-    fail; its exit status and stderr. The torch thread count it sets is restored afterwards."""
-    threads = torch.get_num_threads()
-
-    def run(main, *args: object) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            cli.run(main, list(map(str, args)))
-        return subprocess.CompletedProcess(args, exit.value.code, "", capsys.readouterr().err)
-
-    yield run
-    torch.set_num_threads(threads)
 
 
 class Crash(Exception):
@@ -117,7 +96,7 @@ def _sha(run: Path) -> str:
 # ---------------------------------------------------------------- full disk
 
 
-def test_failed_checkpoint_write_names_file_and_cause_and_resume_continues(runs, tmp_path):
+def test_failed_checkpoint_write_names_file_and_cause_and_resume_continues(runs, tmp_path, python_module):
     run = _copy(runs / "crashed", tmp_path / "run")
     done = _train_limited(64 * 1024, run, "--resume")  # the log fits, the step-30 checkpoint (1.3 MB) does not
     error = _one_error_line(done, cli.EXIT_WRITE)
@@ -126,16 +105,16 @@ def test_failed_checkpoint_write_names_file_and_cause_and_resume_continues(runs,
         "is kept. Free some space, then continue with --resume"
     )
     assert checkpoint.read(run / layout.LAST)["step"] == 15 and not list(run.glob(layout.TMP_GLOB))
-    assert _cli("train", *ARGS, "--out", run, "--resume").returncode == 0
+    assert python_module("train", *ARGS, "--out", run, "--resume").returncode == 0
     assert _sha(run) == _sha(runs / "full")
 
 
-def test_failed_metrics_write_names_file_and_cause_and_resume_continues(runs, tmp_path):
+def test_failed_metrics_write_names_file_and_cause_and_resume_continues(runs, tmp_path, python_module):
     run = _copy(runs / "crashed", tmp_path / "run")
     limit = (run / layout.METRICS).stat().st_size + 10  # the kept records fit, the step-20 record does not
     error = _one_error_line(_train_limited(limit, run, "--resume"), cli.EXIT_WRITE)
     assert error.startswith(f"error: cannot write {run}/metrics.jsonl: File too large; the last good checkpoint")
-    done = _cli("train", *ARGS, "--out", run, "--resume")
+    done = python_module("train", *ARGS, "--out", run, "--resume")
     assert done.returncode == 0 and "torn last line" in done.stderr  # the cut record is dropped
     assert _sha(run) == _sha(runs / "full")
     assert [r["step"] for r in layout.read_jsonl(run / layout.METRICS)] == list(range(5, 31, 5))
@@ -159,13 +138,13 @@ def test_full_tmpfs_says_no_space_left(tmp_path):
 # ---------------------------------------------------------------- resume never silently starts over
 
 
-def test_resume_without_checkpoint_refuses_and_restart_starts_over(runs, tmp_path, command):
+def test_resume_without_checkpoint_refuses_and_restart_starts_over(runs, tmp_path, failing_command):
     run = _copy(runs / "full", tmp_path / "run")
     for name in (layout.LAST, layout.PREV):
         (run / name).unlink()
     files = lambda: {p.name: p.read_bytes() for p in run.iterdir()}  # noqa: E731
     before = files()
-    error = _one_error_line(command(train_main, *ARGS, "--out", run, "--resume"), cli.EXIT_USAGE)
+    error = _one_error_line(failing_command(train_main, *ARGS, "--out", run, "--resume"), cli.EXIT_USAGE)
     assert f"{run} holds a run (summary.json) but no last.pt or prev.pt" in error and "--restart" in error
     assert files() == before
     (run / layout.SUMMARY).unlink()
@@ -220,11 +199,11 @@ def test_bad_checkpoints_are_refused_before_the_data_loads(runs, tmp_path, no_da
 
 @pytest.mark.parametrize(("out", "needle"), [("", "--out is empty"), ("/", "is a filesystem root"),
                                              ("~", "is the home folder")])  # fmt: skip
-def test_out_refuses_empty_root_and_home(tmp_path, out, needle, command):
+def test_out_refuses_empty_root_and_home(tmp_path, out, needle, failing_command):
     with pytest.raises(layout.RunFolderError, match=needle):
         layout.check_out(out)
     for main, args in ((train_main, ARGS), (ab.main, ["--task", "digits"])):
-        assert needle in _one_error_line(command(main, *args, "--out", os.path.expanduser(out)), cli.EXIT_USAGE)
+        assert needle in _one_error_line(failing_command(main, *args, "--out", os.path.expanduser(out)), cli.EXIT_USAGE)
     assert layout.check_out(tmp_path / "run") == tmp_path / "run"
 
 
@@ -325,13 +304,13 @@ def test_local_image_folder_scan_is_bounded(monkeypatch):
         (train_main, [*ARGS, "--task", "text:/dev/zero", "--out", "{tmp}/run"], "is not a regular file"),
     ],
 )
-def test_cli_errors_are_one_line_without_debug(tmp_path, command, main, args, needle):
+def test_cli_errors_are_one_line_without_debug(tmp_path, failing_command, main, args, needle):
     args = [a.format(tmp=tmp_path) for a in args]
-    assert needle in _one_error_line(command(main, *args), cli.EXIT_USAGE)
+    assert needle in _one_error_line(failing_command(main, *args), cli.EXIT_USAGE)
     with pytest.raises(ValueError, match=needle):  # --debug: the exception itself, with its traceback
         cli.run(main, [*args, "--debug"])
 
 
-def test_inspect_cli_gives_one_line(tmp_path):
+def test_inspect_cli_gives_one_line(tmp_path, python_module):
     """``python -m train.inspect`` itself (its ``__main__`` block) goes through ``cli.run``."""
-    assert "neither results.json" in _one_error_line(_cli("train.inspect", tmp_path), cli.EXIT_USAGE)
+    assert "neither results.json" in _one_error_line(python_module("train.inspect", tmp_path), cli.EXIT_USAGE)

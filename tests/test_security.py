@@ -4,28 +4,19 @@ reference only files inside themselves."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.registry import LEGACY_CLASSES, MODELS, ModelSpecError, build_model, check_spec
-from train import ab, checkpoint, evaluate
+from train import ab, checkpoint, evaluate, inspect, report
 from train import run_dir as layout
+from train.__main__ import main as train_main
 from train.summaries import AbResults
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "liere8-s0"
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", module, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +42,23 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(ab_folder, tmp_path):
+def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(
+    ab_folder, tmp_path, python_module, failing_command
+):
     folder = _copy(ab_folder, tmp_path / "ab")
     marker = tmp_path / "pwned"
     _tamper(folder / RUN / layout.LAST, {"class": "subprocess.run", "kwargs": {"args": ["touch", str(marker)]}})
     run = folder / RUN
-    commands = [
-        ("train.evaluate", [folder]),
-        ("train.evaluate", [run]),
-        ("train.inspect", [run]),
-        ("train.report", [folder]),
-        ("train", ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]),
-    ]
-    for module, args in commands:
-        done = _cli(module, *args)
-        assert done.returncode == 2, (module, done.stderr)
-        assert done.stderr.startswith("error: ") and done.stderr.strip().count("\n") == 0, (module, done.stderr)
-        assert "refused model class 'subprocess.run'" in done.stderr and "last.pt" in done.stderr, module
-        assert "[data]" not in done.stdout, module  # refused before the data set loads
-        assert not marker.exists(), module
+    resume = ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]
+    done = [python_module("train.evaluate", folder)]  # the issue's reproduction, as a command
+    done += [failing_command(evaluate.main, run), failing_command(inspect.main, run)]
+    done += [failing_command(report.main, folder), failing_command(train_main, *resume)]
+    for command in done:
+        assert command.returncode == 2, command
+        assert command.stderr.startswith("error: ") and command.stderr.strip().count("\n") == 0, command.stderr
+        assert "refused model class 'subprocess.run'" in command.stderr and "last.pt" in command.stderr
+        assert "[data]" not in command.stdout  # refused before the data set loads
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -143,7 +132,7 @@ def test_new_specs_name_registered_models_and_old_class_paths_still_load(ab_fold
         ("metrics_log", "/etc/passwd", "must be a file inside its run folder"),
     ],
 )
-def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, field, value, needle):
+def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, field, value, needle, failing_command):
     folder = _copy(ab_folder, tmp_path / "ab")
     outside = _copy(ab_folder / RUN, tmp_path / "elsewhere")  # a real run the tampered results point at
     (outside / layout.EVALUATION).unlink()
@@ -152,7 +141,7 @@ def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, fi
     (folder / layout.RESULTS_JSON).write_text(json.dumps(results))
     with pytest.raises(layout.RunFolderError, match=needle):
         AbResults.load(folder)
-    done = _cli("train.evaluate", folder)
+    done = failing_command(evaluate.main, folder)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert not (outside / layout.EVALUATION).exists()
 
