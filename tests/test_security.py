@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.registry import LEGACY_CLASSES, MODELS, ModelSpecError, build_model, check_spec
-from train import ab, checkpoint, evaluate, inspect, report
+from train import ab, checkpoint, data, evaluate, inspect, report
 from train import run_dir as layout
 from train.__main__ import main as train_main
 from train.summaries import AbResults
@@ -155,3 +155,21 @@ def test_run_folder_linked_out_of_the_ab_folder_is_refused(ab_folder, tmp_path):
     with pytest.raises(layout.RunFolderError, match=f"run folder '{RUN}' is a link out of"):
         evaluate.main([str(folder), "--evaluate", "none"])
     assert not (outside / layout.EVALUATION).exists()
+
+
+# ---------------------------------------------------------------- other stored data that reaches calls
+
+
+def test_stored_configs_and_logs_are_checked_as_data(ab_folder, tmp_path):
+    run = _copy(ab_folder / RUN, tmp_path / "run")
+    summary = json.loads((run / layout.SUMMARY).read_text())
+    summary["config"]["__class__"] = "os.system"
+    (run / layout.SUMMARY).write_text(json.dumps(summary))
+    with pytest.raises(layout.RunFolderError, match=r"summary\.json: unknown run config fields \['__class__'\]"):
+        evaluate.main([str(run)])
+    with pytest.raises(ValueError, match=r"dataset 'text:/etc/hostname': unknown data options \['path'\]"):
+        data.load_dataset("text:/etc/hostname", path="/etc/passwd")  # a stored data option cannot pick a file
+    (run / layout.METRICS).write_text('{"step": 5}\n["step", 10]\n{"step": 15}\n')
+    with pytest.raises(layout.RunFolderError, match=r"metrics\.jsonl, line 2 is not a metrics record"):
+        layout.read_jsonl(run / layout.METRICS)
+    assert not layout.alive(2**70)  # a lock file naming an impossible pid

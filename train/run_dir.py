@@ -151,13 +151,17 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number < len(lines):
                 raise RunFolderError(f"{path}, line {number} is not valid JSON ({err}); fix or delete it") from err
             warn(f"{path}: dropped a torn last line ({len(line)} bytes, left by an interrupted write)")
             if repair:
                 write_text(path, "".join(lines[: number - 1]))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            raise RunFolderError(f"{path}, line {number} is not a metrics record (a JSON object with an int step)")
+        records.append(record)
     return records
 
 
@@ -187,7 +191,7 @@ def alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no such pid can exist
         return False
     except PermissionError:  # exists, owned by someone else
         return True
