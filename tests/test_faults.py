@@ -194,6 +194,14 @@ def test_bad_checkpoints_are_refused_before_the_data_loads(runs, tmp_path, no_da
         train(_config(), run, resume=True, quiet=True)
 
 
+def test_ab_resume_refuses_a_foreign_checkpoint_before_the_data_loads(runs, tmp_path, monkeypatch):
+    _copy(runs / "crashed", tmp_path / "ab" / "liere8-s0")
+    monkeypatch.setattr(ab, "load_task", lambda config: pytest.fail("data loaded"))
+    args = ["--preset", "smoke", "--task", "digits", "--encodings", "liere8", "--lr", "0.001", "--jobs", "1"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"liere8-s0/last\.pt belongs to a different run.*lr: 0\.003"):
+        ab.main([*args, "--out", str(tmp_path / "ab"), "--resume", "--quiet"])
+
+
 # ---------------------------------------------------------------- --out
 
 

@@ -67,7 +67,7 @@ def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(
         ({"class": "os.system", "kwargs": {"command": "touch {marker}"}}, "refused model class 'os.system'"),
         ({"model": "subprocess.run", "kwargs": {"args": ["touch", "{marker}"]}}, "refused model 'subprocess.run'"),
         ({"model": "models.vit.ViT", "kwargs": {}}, "refused model 'models.vit.ViT'"),
-        ({"kwargs": {}}, "needs 'model'"),
+        ({"kwargs": {}}, "a model spec needs 'model'"),
     ],
 )
 def test_unregistered_models_are_refused_before_anything_is_called(ab_folder, tmp_path, spec, needle):
@@ -76,7 +76,7 @@ def test_unregistered_models_are_refused_before_anything_is_called(ab_folder, tm
     _copy(ab_folder / RUN / layout.LAST, path)
     _tamper(path, json.loads(json.dumps(spec).replace("{marker}", str(marker))))
     for load in (checkpoint.read, checkpoint.load_model):
-        with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path} is refused: .*{needle}"):
+        with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path}: {needle}"):
             load(path)
     assert not marker.exists()
 
@@ -97,7 +97,7 @@ def test_registered_model_with_bad_arguments_is_refused(ab_folder, tmp_path, cha
     spec = _spec(ab_folder)
     path = _copy(ab_folder / RUN / layout.LAST, tmp_path / layout.LAST)
     _tamper(path, spec | {"kwargs": spec["kwargs"] | change})
-    with pytest.raises(checkpoint.CheckpointError, match=f"is refused: model 'vit': {needle}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path}: model 'vit': {needle}"):
         checkpoint.read(path)
     missing = {k: v for k, v in spec["kwargs"].items() if k != "num_classes"}
     with pytest.raises(ModelSpecError, match=r"missing arguments \['num_classes'\]"):

@@ -374,6 +374,10 @@ def _run_all(
         for e in encodings
         for s in seeds
     ]
+    if args.resume and rank == 0:  # refuse bad or foreign checkpoints of unfinished runs before the data loads
+        for job in jobs:
+            if not (job.run_dir / layout.SUMMARY).is_file():
+                loop.find_checkpoint(job.config, job.run_dir, True, torch.device("cpu"), world)
     task = load_task(base)
     check_encodings(task, [j.config for j in jobs if j.seed == seeds[0] and j.fraction == fractions[-1]])
     if rank == 0:

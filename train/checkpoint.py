@@ -173,7 +173,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         check_spec(state["model_spec"])
     except ModelSpecError as err:
-        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     return state
 
 
