@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -29,3 +34,40 @@ def run_in_threads() -> Callable[[Callable[[object], None], Iterable[object]], l
         return errors
 
     return run
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python_env() -> dict[str, str]:
+    return os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def python_module() -> Callable[..., subprocess.CompletedProcess]:
+    """``python_module(module, *args)``: run ``python -m module args`` from the repository root (one thread)."""
+
+    def run(module: str, *args: object) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", module, *map(str, args)]
+        return subprocess.run(cmd, cwd=REPO, env=_python_env(), capture_output=True, text=True, timeout=300)
+
+    return run
+
+
+@pytest.fixture
+def failing_command(capsys) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """``failing_command(main, *args)``: a command-line ``main`` run in this process the way ``train.cli.run`` runs
+    it, expected to fail: its exit status, stdout and stderr. The torch thread count the command sets is restored."""
+    from train import cli
+
+    threads = torch.get_num_threads()
+
+    def run(main: Callable[[list[str]], object], *args: object) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            cli.run(main, list(map(str, args)))
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exit.value.code, printed.out, printed.err)
+
+    yield run
+    torch.set_num_threads(threads)

@@ -371,7 +371,7 @@ def test_unknown_names_and_options(tmp_path):
         load_dataset("folder", root=tmp_path)
     with pytest.raises(ValueError):
         load_dataset("arrow:extra", root=tmp_path)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"dataset 'pydoc': unknown data options \['image_size'\]"):
         load_dataset("pydoc", root=tmp_path, image_size=3)
 
 

@@ -4,29 +4,21 @@ reference only files inside themselves."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.registry import LEGACY_CLASSES, MODELS, ModelSpecError, build_model, check_spec
-from train import checkpoint
+from train import checkpoint, data
 from train import run_dir as layout
-from train.ab import evaluate, runner
+from train.__main__ import main as train_main
+from train.ab import evaluate, inspect, report
+from train.ab import runner as ab
 from train.summaries import AbResults
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "liere8-s0"
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", module, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def ab_folder(tmp_path_factory) -> Path:
     """A finished smoke A/B folder with one liere8 run (results.json, summary.json, last.pt)."""
     out = tmp_path_factory.mktemp("sec") / "ab"
     args = ["--preset", "smoke", "--task", "digits", "--encodings", "liere8", "--steps", "10", "--evaluate", "none"]
-    runner.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--out", str(out)])
+    ab.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--out", str(out)])
     return out
 
 
@@ -52,25 +44,23 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(ab_folder, tmp_path):
+def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(
+    ab_folder, tmp_path, python_module, failing_command
+):
     folder = _copy(ab_folder, tmp_path / "ab")
     marker = tmp_path / "pwned"
     _tamper(folder / RUN / layout.LAST, {"class": "subprocess.run", "kwargs": {"args": ["touch", str(marker)]}})
     run = folder / RUN
-    commands = [
-        ("train.ab.evaluate", [folder]),
-        ("train.ab.evaluate", [run]),
-        ("train.ab.inspect", [run]),
-        ("train.ab.report", [folder]),
-        ("train", ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]),
-    ]
-    for module, args in commands:
-        done = _cli(module, *args)
-        assert done.returncode == 2, (module, done.stderr)
-        assert done.stderr.startswith("error: ") and done.stderr.strip().count("\n") == 0, (module, done.stderr)
-        assert "refused model class 'subprocess.run'" in done.stderr and "last.pt" in done.stderr, module
-        assert "[data]" not in done.stdout, module  # refused before the data set loads
-        assert not marker.exists(), module
+    resume = ["--task", "digits", "--preset", "smoke", "--steps", "10", "--out", run, "--resume"]
+    done = [python_module("train.ab.evaluate", folder)]  # the issue's reproduction, as a command
+    done += [failing_command(evaluate.main, run), failing_command(inspect.main, run)]
+    done += [failing_command(report.main, folder), failing_command(train_main, *resume)]
+    for command in done:
+        assert command.returncode == 2, command
+        assert command.stderr.startswith("error: ") and command.stderr.strip().count("\n") == 0, command.stderr
+        assert "refused model class 'subprocess.run'" in command.stderr and "last.pt" in command.stderr
+        assert "[data]" not in command.stdout  # refused before the data set loads
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -79,7 +69,7 @@ def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(ab_fold
         ({"class": "os.system", "kwargs": {"command": "touch {marker}"}}, "refused model class 'os.system'"),
         ({"model": "subprocess.run", "kwargs": {"args": ["touch", "{marker}"]}}, "refused model 'subprocess.run'"),
         ({"model": "models.vit.ViT", "kwargs": {}}, "refused model 'models.vit.ViT'"),
-        ({"kwargs": {}}, "needs 'model'"),
+        ({"kwargs": {}}, "a model spec needs 'model'"),
     ],
 )
 def test_unregistered_models_are_refused_before_anything_is_called(ab_folder, tmp_path, spec, needle):
@@ -88,7 +78,7 @@ def test_unregistered_models_are_refused_before_anything_is_called(ab_folder, tm
     _copy(ab_folder / RUN / layout.LAST, path)
     _tamper(path, json.loads(json.dumps(spec).replace("{marker}", str(marker))))
     for load in (checkpoint.read, checkpoint.load_model):
-        with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path} is refused: .*{needle}"):
+        with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint {path}: {needle}"):
             load(path)
     assert not marker.exists()
 
@@ -109,7 +99,7 @@ def test_registered_model_with_bad_arguments_is_refused(ab_folder, tmp_path, cha
     spec = _spec(ab_folder)
     path = _copy(ab_folder / RUN / layout.LAST, tmp_path / layout.LAST)
     _tamper(path, spec | {"kwargs": spec["kwargs"] | change})
-    with pytest.raises(checkpoint.CheckpointError, match=f"is refused: model 'vit': {needle}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path}: model 'vit': {needle}"):
         checkpoint.read(path)
     missing = {k: v for k, v in spec["kwargs"].items() if k != "num_classes"}
     with pytest.raises(ModelSpecError, match=r"missing arguments \['num_classes'\]"):
@@ -144,7 +134,7 @@ def test_new_specs_name_registered_models_and_old_class_paths_still_load(ab_fold
         ("metrics_log", "/etc/passwd", "must be a file inside its run folder"),
     ],
 )
-def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, field, value, needle):
+def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, field, value, needle, failing_command):
     folder = _copy(ab_folder, tmp_path / "ab")
     outside = _copy(ab_folder / RUN, tmp_path / "elsewhere")  # a real run the tampered results point at
     (outside / layout.EVALUATION).unlink()
@@ -153,7 +143,7 @@ def test_results_pointing_outside_the_folder_are_refused(ab_folder, tmp_path, fi
     (folder / layout.RESULTS_JSON).write_text(json.dumps(results))
     with pytest.raises(layout.RunFolderError, match=needle):
         AbResults.load(folder)
-    done = _cli("train.ab.evaluate", folder)
+    done = failing_command(evaluate.main, folder)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert not (outside / layout.EVALUATION).exists()
 
@@ -167,3 +157,21 @@ def test_run_folder_linked_out_of_the_ab_folder_is_refused(ab_folder, tmp_path):
     with pytest.raises(layout.RunFolderError, match=f"run folder '{RUN}' is a link out of"):
         evaluate.main([str(folder), "--evaluate", "none"])
     assert not (outside / layout.EVALUATION).exists()
+
+
+# ---------------------------------------------------------------- other stored data that reaches calls
+
+
+def test_stored_configs_and_logs_are_checked_as_data(ab_folder, tmp_path):
+    run = _copy(ab_folder / RUN, tmp_path / "run")
+    summary = json.loads((run / layout.SUMMARY).read_text())
+    summary["config"]["__class__"] = "os.system"
+    (run / layout.SUMMARY).write_text(json.dumps(summary))
+    with pytest.raises(layout.RunFolderError, match=r"summary\.json: unknown run config fields \['__class__'\]"):
+        evaluate.main([str(run)])
+    with pytest.raises(ValueError, match=r"dataset 'text:/etc/hostname': unknown data options \['path'\]"):
+        data.load_dataset("text:/etc/hostname", path="/etc/passwd")  # a stored data option cannot pick a file
+    (run / layout.METRICS).write_text('{"step": 5}\n["step", 10]\n{"step": 15}\n')
+    with pytest.raises(layout.RunFolderError, match=r"metrics\.jsonl, line 2 is not a metrics record"):
+        layout.read_jsonl(run / layout.METRICS)
+    assert not layout.alive(2**70)  # a lock file naming an impossible pid

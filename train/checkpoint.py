@@ -180,7 +180,7 @@ def check_model_spec(path: str | Path, state: dict[str, Any]) -> None:
     try:
         check_spec(state.get("model_spec"))
     except ModelSpecError as err:
-        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
 def find_valid(

@@ -23,7 +23,8 @@ from train.loop import Diverged, RankTimeout
 from train.preemption import EXIT_PREEMPTED, Preempted
 from train.run_dir import WriteFailed
 
-USAGE_ERRORS = (ValueError, CheckpointError, FileExistsError, FileNotFoundError)  # RunFolderError is a ValueError
+# RunFolderError is a ValueError; OSError: a path that cannot be read or created (a folder, no permission, ...)
+USAGE_ERRORS = (ValueError, CheckpointError, OSError)
 RUN_FAILURES = (Diverged, RankTimeout)
 EXIT_USAGE, EXIT_FAILED, EXIT_WRITE, EXIT_INTERRUPTED = 2, 1, 3, 130
 EXIT_STATUSES = (
@@ -110,7 +111,7 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         main(args)
-    except (*USAGE_ERRORS, *RUN_FAILURES, WriteFailed) as err:
+    except (*USAGE_ERRORS, *RUN_FAILURES) as err:
         if "--debug" in args:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -582,7 +582,7 @@ def train(
     """
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"--on-nonfinite: expected one of {ON_NONFINITE}, got {on_nonfinite!r}")
-    run_dir, started = Path(run_dir), time.perf_counter()
+    run_dir, started = layout.check_out(run_dir), time.perf_counter()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device, ddp_timeout)
     if fsdp:

@@ -79,6 +79,19 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteFailed(f"cannot write {path}: {cause.strerror or cause}") from cause
 
 
+def check_out(out: str | Path) -> Path:
+    """``--out`` as a path; ``RunFolderError`` when it is empty, a filesystem root or the home folder itself
+    (a run writes, and with ``--restart`` removes, files directly in its folder)."""
+    if not str(out).strip():
+        raise RunFolderError("--out is empty; name a folder for the run, e.g. runs/NAME")
+    path = Path(out)
+    resolved = path.expanduser().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        what = "the home folder" if resolved == Path.home().resolve() else "a filesystem root"
+        raise RunFolderError(f"--out {str(out)!r} is {what}; name a folder inside it for the run, e.g. runs/NAME")
+    return path
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr (something was repaired or skipped; the run goes on)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -141,13 +154,17 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number < len(lines):
                 raise RunFolderError(f"{path}, line {number} is not valid JSON ({err}); fix or delete it") from err
             warn(f"{path}: dropped a torn last line ({len(line)} bytes, left by an interrupted write)")
             if repair:
                 write_text(path, "".join(lines[: number - 1]))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            raise RunFolderError(f"{path}, line {number} is not a metrics record (a JSON object with an int step)")
+        records.append(record)
     return records
 
 
@@ -177,7 +194,7 @@ def alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no such pid can exist
         return False
     except PermissionError:  # exists, owned by someone else
         return True

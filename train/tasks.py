@@ -215,7 +215,7 @@ def model_spec(config: RunConfig, splits: Any) -> dict[str, Any]:
     image_shape = [int(s) for s in splits.image_shape]
     patch = options.pop("patch_size", None) or list(default_patch(tuple(image_shape[1:]), config.max_grid))
     kwargs = dict(image_shape=image_shape, num_classes=int(splits.num_classes), patch_size=patch, **options)
-    return stored_spec("vit", **kwargs, encoding=config.encoding)
+    return stored_spec("vit", **(kwargs | {"encoding": config.encoding}))
 
 
 def load_task(config: RunConfig, root: str | None = None) -> Task:

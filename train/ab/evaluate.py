@@ -12,6 +12,7 @@ folders can be evaluated too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -267,8 +268,13 @@ def evaluate_run(
 def run_config(run_dir: Path, state: dict[str, Any]) -> RunConfig:
     """The run's full config: ``summary.json``'s when present, else the checkpoint's (runtime fields defaulted)."""
     summary = run_dir / layout.SUMMARY
+    source = summary if summary.is_file() else run_dir / layout.LAST
     fields = RunSummary.load(summary).config if summary.is_file() else dict(state["config"])
+    if not isinstance(fields, dict):
+        raise layout.RunFolderError(f"{source}: its run config is not a JSON object")
     fields.pop("world_size", None)
+    if unknown := sorted(set(map(str, fields)) - {f.name for f in dataclasses.fields(RunConfig)}):
+        raise layout.RunFolderError(f"{source}: unknown run config fields {unknown}")
     return RunConfig(**fields)
 
 

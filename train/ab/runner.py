@@ -36,7 +36,15 @@ from liere.factory import default_comparison, split_specs
 from train import checkpoint, cli, data, machine
 from train import run_dir as layout
 from train.ab import evaluate, plots, report
-from train.loop import Diverged, format_duration, init_distributed, resolve_device, run_guard, train
+from train.loop import (
+    Diverged,
+    find_checkpoint,
+    format_duration,
+    init_distributed,
+    resolve_device,
+    run_guard,
+    train,
+)
 from train.presets import PRESETS, RunConfig, is_text, preset_config
 from train.summaries import AbResults, AbRun, RunSummary
 from train.tasks import Task, load_task, with_encoding
@@ -159,8 +167,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _run_folder(args: argparse.Namespace) -> Path:
     stem = f"ab-{re.sub(r'[^A-Za-z0-9_.-]', '_', args.task)}"
-    if args.out:
-        return Path(args.out)
+    if args.out is not None:
+        return layout.check_out(args.out)
     if args.resume:
         previous = sorted(Path("runs").glob(f"{stem}-*"))
         if not previous:
@@ -376,6 +384,10 @@ def _run_all(
         for e in encodings
         for s in seeds
     ]
+    if args.resume and rank == 0 and not args.fsdp:  # refuse bad or foreign checkpoints before the data loads
+        for job in jobs:  # (--fsdp: DCP checkpoints are checked collectively, in train)
+            if not (job.run_dir / layout.SUMMARY).is_file():
+                find_checkpoint(job.config, job.run_dir, True, torch.device("cpu"), rank, world)
     task = load_task(base)
     check_encodings(task, [j.config for j in jobs if j.seed == seeds[0] and j.fraction == fractions[-1]])
     if rank == 0:

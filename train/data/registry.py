@@ -6,6 +6,7 @@ Adding a dataset: a module in ``train/data/`` that defines a ``Source``, plus it
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,11 @@ def load_dataset(
     data. Raises ``DatasetUnavailable`` with one line saying what to do when no source can be reached.
     """
     found, path = source(name), name.partition(":")[2]
+    parameters = inspect.signature(found.load).parameters
+    accepted = set(parameters) - {"root", "seed", "path"}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not open_ended and (unknown := sorted(set(options) - accepted)):
+        raise ValueError(f"dataset {name!r}: unknown data options {unknown}; it takes {sorted(accepted)}")
     if path:
         options["path"] = path
     root = Path(root) if root is not None else default_root()
