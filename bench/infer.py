@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import timm
 import torch
 
-from bench.common import RowPrinter, bench_parser, describe, markdown_table, time_ms, write_json
+from bench.common import RowPrinter, bench_parser, describe, time_ms, write_json
 from liere.cache import rotation_cache_disabled
 from liere.integrations.timm import liere_timm_vit
 from models import CharLM
@@ -85,8 +85,9 @@ def with_ratios(rows: list[dict], key: str, baseline: str) -> list[dict]:
     return rows
 
 
-def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
-    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode)."""
+def bench_vit(size: str, batch: int, repeats: int, show: Callable[[list[dict]], None]) -> list[dict]:
+    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode, each mode's
+    rows handed to ``show`` as soon as measured)."""
     device = torch.device("cpu")
     images = torch.randn(batch, 3, SIZES[size]["vit"]["img_size"], SIZES[size]["vit"]["img_size"])
     models = {spec: vit(spec, size) for spec in (VIT_BASELINE, *ENCODINGS)}
@@ -96,8 +97,9 @@ def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
         fns = {s: in_mode(lambda m=m: m(images), cache, m.liere_encoding) for s, m in models.items()}
         with torch.inference_mode():
             ms = time_ms(fns, device, repeats)
-        rows += [dict(model=name, encoding=s, cache=cache, ms=ms[s]) for s in models]
-    return with_ratios(rows, "ms", VIT_BASELINE)
+        rows += with_ratios([dict(model=name, encoding=s, cache=cache, ms=ms[s]) for s in models], "ms", VIT_BASELINE)
+        show(rows[-len(models) :])
+    return rows
 
 
 def decode_steps(model: CharLM, prompt: torch.Tensor, new: int) -> Iterator[None]:
@@ -127,8 +129,9 @@ def decoding_step_times(models: dict[str, CharLM], prompt: torch.Tensor, new: in
     return {s: statistics.median(t) for s, t in times.items()}
 
 
-def bench_decoding(size: str, repeats: int) -> list[dict]:
-    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode)."""
+def bench_decoding(size: str, repeats: int, show: Callable[[list[dict]], None]) -> list[dict]:
+    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode, each
+    mode's rows handed to ``show`` as soon as measured)."""
     config = SIZES[size]
     prompt = torch.randint(0, config["vocab"], (1, config["prompt"]), generator=torch.Generator().manual_seed(0))
     models = {spec: char_lm(spec, size) for spec in (LM_BASELINE, *ENCODINGS)}
@@ -137,8 +140,11 @@ def bench_decoding(size: str, repeats: int) -> list[dict]:
     for cache in ("on", "off"):
         with torch.no_grad(), rotation_cache_disabled() if cache == "off" else nullcontext():
             seconds = decoding_step_times(models, prompt, config["new"], repeats)
-        rows += [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models]
-    return with_ratios(rows, "tok_s", LM_BASELINE)
+        rows += with_ratios(
+            [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models], "tok_s", LM_BASELINE
+        )
+        show(rows[-len(models) :])
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -165,15 +171,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(f"# liere inference benchmark: {results['device']}, size {args.size}, load {results['load_average']}\n")
     if args.skip != "vit":
-        printer = RowPrinter(VIT_COLUMNS)
+        show = RowPrinter(VIT_COLUMNS)
         for batch in SIZES[args.size]["batches"]:
-            rows = bench_vit(args.size, batch, args.repeats)
-            printer(rows)
-            results["vit"] += rows
+            results["vit"] += bench_vit(args.size, batch, args.repeats, show)
     if args.skip != "decoding":
-        rows = bench_decoding(args.size, args.repeats)
-        print("\n" + markdown_table(rows, LM_COLUMNS), flush=True)
-        results["decoding"] = rows
+        print()
+        results["decoding"] = bench_decoding(args.size, args.repeats, RowPrinter(LM_COLUMNS))
+    results["load_average_after"] = os.getloadavg()
     write_json(results, args.json)
     return results
 
