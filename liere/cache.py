@@ -241,6 +241,9 @@ def table_rotations(pe: PositionEncoding, length: int, table: Rotations | None) 
 def cached_rotations(pe: PositionEncoding, coords: Tensor | Grid, num_prefix_tokens: int) -> Rotations:
     """``pe(coords, num_prefix_tokens)`` through the cache when it applies (see the module docstring)."""
     if not cache_applies(pe, coords):
+        held = pe.__dict__.get("_rotation_cache")
+        if held is not None and held.entries and pe.training and torch.is_grad_enabled() and not is_tracing(coords):
+            held.clear()  # training resumed (after an evaluation): the entries are stale, free their memory now
         request = None if is_tracing(coords) else integer_positions(pe, coords)
         if request is None or isinstance(request[0], slice):  # a Grid: its own powers are the table's rows
             return pe.build_rotations(coords, num_prefix_tokens)
