@@ -6,7 +6,8 @@ mode timed round-robin (medians) so that machine noise hits them alike:
 - **ViT**: eval-mode forward under ``torch.inference_mode`` of timm's ``vit_small_patch16_224`` adapted with
   ``liere.integrations.timm.liere_timm_vit`` at 224 px, batch 1 and 8; baseline ``axial-rope``. Cache modes:
   ``on`` (warm: the rotations come from the cache), ``cold`` (the cache cleared before every call: the first call's
-  cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache);
+  cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache); ``cold`` and
+  ``off`` are timed in one round-robin run, so their times compare directly;
 - **decoding**: tokens/s of kv-cached greedy decoding (``models.CharLM.generate``'s loop) on the benchmark char-LM
   (``size="char"``: 6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1, timed per token
   round-robin (``decoding_step_times``); baseline ``rope``; cache ``on``/``off``.
@@ -28,7 +29,7 @@ from contextlib import nullcontext
 import timm
 import torch
 
-from bench.common import RowPrinter, bench_parser, describe, markdown_table, time_ms, write_json
+from bench.common import RowPrinter, bench_parser, describe, time_ms, write_json
 from liere.cache import rotation_cache_disabled
 from liere.integrations.timm import liere_timm_vit
 from models import CharLM
@@ -85,19 +86,24 @@ def with_ratios(rows: list[dict], key: str, baseline: str) -> list[dict]:
     return rows
 
 
-def bench_vit(size: str, batch: int, repeats: int) -> list[dict]:
-    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode)."""
+def bench_vit(size: str, batch: int, repeats: int, show: Callable[[list[dict]], None]) -> list[dict]:
+    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode, each mode's
+    rows handed to ``show`` as soon as measured)."""
     device = torch.device("cpu")
     images = torch.randn(batch, 3, SIZES[size]["vit"]["img_size"], SIZES[size]["vit"]["img_size"])
     models = {spec: vit(spec, size) for spec in (VIT_BASELINE, *ENCODINGS)}
     name = f"{'ViT-S/16' if size == 'real' else 'tiny ViT'} {SIZES[size]['vit']['img_size']}px batch {batch}"
     rows = []
-    for cache in ("on", "cold", "off"):
-        fns = {s: in_mode(lambda m=m: m(images), cache, m.liere_encoding) for s, m in models.items()}
+    for modes in (("on",), ("cold", "off")):  # cold and off together: the first call against the old cost
+        fns = {
+            f"{s}|{c}": in_mode(lambda m=m: m(images), c, m.liere_encoding) for c in modes for s, m in models.items()
+        }
         with torch.inference_mode():
             ms = time_ms(fns, device, repeats)
-        rows += [dict(model=name, encoding=s, cache=cache, ms=ms[s]) for s in models]
-    return with_ratios(rows, "ms", VIT_BASELINE)
+        measured = [dict(model=name, encoding=s, cache=c, ms=ms[f"{s}|{c}"]) for c in modes for s in models]
+        rows += with_ratios(measured, "ms", VIT_BASELINE)
+        show(measured)
+    return rows
 
 
 def decode_steps(model: CharLM, prompt: torch.Tensor, new: int) -> Iterator[None]:
@@ -127,8 +133,9 @@ def decoding_step_times(models: dict[str, CharLM], prompt: torch.Tensor, new: in
     return {s: statistics.median(t) for s, t in times.items()}
 
 
-def bench_decoding(size: str, repeats: int) -> list[dict]:
-    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode)."""
+def bench_decoding(size: str, repeats: int, show: Callable[[list[dict]], None]) -> list[dict]:
+    """Tokens/s of kv-cached greedy decoding of every encoding with the cache on and off (one run per mode, each
+    mode's rows handed to ``show`` as soon as measured)."""
     config = SIZES[size]
     prompt = torch.randint(0, config["vocab"], (1, config["prompt"]), generator=torch.Generator().manual_seed(0))
     models = {spec: char_lm(spec, size) for spec in (LM_BASELINE, *ENCODINGS)}
@@ -137,8 +144,11 @@ def bench_decoding(size: str, repeats: int) -> list[dict]:
     for cache in ("on", "off"):
         with torch.no_grad(), rotation_cache_disabled() if cache == "off" else nullcontext():
             seconds = decoding_step_times(models, prompt, config["new"], repeats)
-        rows += [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models]
-    return with_ratios(rows, "tok_s", LM_BASELINE)
+        rows += with_ratios(
+            [dict(model=name, encoding=s, cache=cache, tok_s=1 / seconds[s]) for s in models], "tok_s", LM_BASELINE
+        )
+        show(rows[-len(models) :])
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -165,15 +175,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(f"# liere inference benchmark: {results['device']}, size {args.size}, load {results['load_average']}\n")
     if args.skip != "vit":
-        printer = RowPrinter(VIT_COLUMNS)
+        show = RowPrinter(VIT_COLUMNS)
         for batch in SIZES[args.size]["batches"]:
-            rows = bench_vit(args.size, batch, args.repeats)
-            printer(rows)
-            results["vit"] += rows
+            results["vit"] += bench_vit(args.size, batch, args.repeats, show)
     if args.skip != "decoding":
-        rows = bench_decoding(args.size, args.repeats)
-        print("\n" + markdown_table(rows, LM_COLUMNS), flush=True)
-        results["decoding"] = rows
+        print()
+        results["decoding"] = bench_decoding(args.size, args.repeats, RowPrinter(LM_COLUMNS))
+    results["load_average_after"] = os.getloadavg()
     write_json(results, args.json)
     return results
 

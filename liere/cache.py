@@ -89,18 +89,17 @@ def versions(rot: Rotations) -> tuple[int | None, ...]:
 def take_positions(rot: Rotations, index: slice | Tensor) -> Rotations:
     """Rotations of positions ``index`` of shared rotations ``rot`` (``S = 1``): a ``slice``, integer positions
     ``(n,)`` (shared) or ``(batch, n)`` (per sample). Position-independent parts (a basis) are kept."""
-    depth, _, heads, _ = rot._lead
-    if isinstance(index, slice):
-        count = len(range(*index.indices(rot.num_positions)))
-        take = lambda t: t[:, :, :, index]  # noqa: E731
-    elif index.dim() == 1:
-        count = index.shape[0]
-        take = lambda t: t.index_select(3, index)  # noqa: E731
-    else:
-        count = index.shape[1]
-        take = lambda t: t[:, 0][:, :, index].movedim(2, 1)  # noqa: E731  (depth, batch, heads, n, ...)
+
+    def take(t: Tensor) -> Tensor:  # (depth, 1, H, L, ...) -> (depth, 1 or batch, H, n, ...)
+        if isinstance(index, slice):
+            return t[:, :, :, index]
+        if index.dim() == 1:
+            return t.index_select(3, index)
+        return t[:, 0][:, :, index].movedim(2, 1)
+
     if rot.is_identity:
-        return Rotations.identity(rot.head_dim, count, depth)
+        count = len(range(*index.indices(rot.num_positions))) if isinstance(index, slice) else index.shape[-1]
+        return Rotations.identity(rot.head_dim, count, rot.depth)
     if rot.blocks is not None:
         return Rotations(rot.head_dim, blocks=take(rot.blocks))
     return Rotations(rot.head_dim, cos=take(rot.cos), sin=take(rot.sin), basis=rot.basis)
@@ -242,6 +241,9 @@ def table_rotations(pe: PositionEncoding, length: int, table: Rotations | None) 
 def cached_rotations(pe: PositionEncoding, coords: Tensor | Grid, num_prefix_tokens: int) -> Rotations:
     """``pe(coords, num_prefix_tokens)`` through the cache when it applies (see the module docstring)."""
     if not cache_applies(pe, coords):
+        held = pe.__dict__.get("_rotation_cache")
+        if held is not None and held.entries and pe.training and torch.is_grad_enabled() and not is_tracing(coords):
+            held.clear()  # training resumed (after an evaluation): the entries are stale, free their memory now
         request = None if is_tracing(coords) else integer_positions(pe, coords)
         if request is None or isinstance(request[0], slice):  # a Grid: its own powers are the table's rows
             return pe.build_rotations(coords, num_prefix_tokens)

@@ -82,10 +82,11 @@ class Attention(nn.Module):
         else:
             if not self.causal:
                 raise ValueError("a kv cache needs causal attention")
-            k, v = cache.extend(layer, rot.apply(k), v)
+            q, k = rot.apply(torch.cat([q, k])).chunk(2)  # one pass over the rotations for both
+            k, v = cache.extend(layer, k, v)
             past = k.shape[2] - n
             mask = None if n == 1 else torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(rot.apply(q), k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
 

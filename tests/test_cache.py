@@ -187,7 +187,7 @@ def test_training_with_grad_caches_nothing_and_gradients_match() -> None:
     pe.train()
     calls = counting(pe)
     losses = [pe(GRID).to_dense()[..., 1, 0].sum() for _ in range(2)]
-    assert len(calls) == 2  # recomputed every call
+    assert len(calls) == 2 and pe.cache_nbytes == 0  # recomputed every call; the eval entry freed
     (grad,) = torch.autograd.grad(losses[0], pe.generators)
     fresh = build_like(pe)
     (expected,) = torch.autograd.grad(fresh(GRID).to_dense()[..., 1, 0].sum(), fresh.generators)

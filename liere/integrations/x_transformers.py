@@ -93,7 +93,8 @@ def liere_x_transformers(
 
     Returns the encoding, registered as ``attn_layers.liere_encoding``. Needs no x-transformers positional
     embedding (``use_abs_pos_emb=False``, ``rotary_pos_emb=False``), no qk-norm, ``kv_heads == heads``, no
-    cross-attention or memory. Supports x-transformers' kv cache (``generate(cache_kv=True)``, ``cache=``),
+    cross-attention or memory. Supports x-transformers' kv cache (``generate(cache_kv=True)``, ``cache=``, also
+    past ``max_seq_len``: positions stay absolute, see ``token_positions``),
     ``seq_start_pos`` (left-padded prompts) and integer ``pos``. The adapted model deep-copies, pickles and
     saves like any module (nothing per forward is stored on it).
     """
