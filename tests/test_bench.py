@@ -26,7 +26,9 @@ def test_op_bench_rows_and_json(tmp_path) -> None:
     argv = ["--device", "cpu", "--size", "tiny", "--blocks", "2", "8", "--apply-blocks", "2", "8", "--repeats", "1"]
     argv += ["--dtypes", "fp32", "bf16"]
     results = op_bench.main([*argv, "--json", str(path)])
-    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    saved = json.loads(path.read_text())  # the rows, plus the run's metadata (bench.common.run_metadata)
+    assert {key: saved[key] for key in results} == json.loads(json.dumps(results))
+    assert set(saved) - set(results) == {"command", "threads", "torch", "date", "load_average"}
 
     exp = results["exponential"]
     stacks = op_bench.stacks("tiny")
