@@ -14,6 +14,15 @@ import torch
 
 
 @pytest.fixture
+def one_thread():
+    """Train in this process with the 1 thread of the reference runs, so weights compare bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def run_in_threads() -> Callable[[Callable[[object], None], Iterable[object]], list[BaseException]]:
     """``run(fn, args)``: ``fn(arg)`` in one thread per ``arg``, all at once; returns what they raised."""
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from train.checkpoint import CheckpointError, load_model
 from train.loop import TEST_DIE_AT_STEP, train
@@ -66,15 +65,6 @@ def test_checkpoint_rebuilds_the_model(runs):
 def _config(**changes):
     base = dict(encoding="liere8", steps=30, ckpt_every=10, device="cpu")
     return preset_config("smoke", "digits", **(base | changes))
-
-
-@pytest.fixture
-def one_thread():
-    """Train in this process with the 1 thread of the reference runs (``_train``), so weights compare bitwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, tmp_path, capsys, one_thread):

@@ -47,14 +47,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def process_group():
     """``--fsdp`` in this process creates a one-process group: destroy it afterwards, for the other tests."""
     yield
