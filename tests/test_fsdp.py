@@ -53,7 +53,9 @@ else:  # one launch, one process group, five runs (the last one is killed)
     run("ddp-stopped", fsdp=False, signal_at=5)
     run("ddp-stopped", fsdp=False, resume=True)
     # the last rank is SIGKILLed after step 12 (newest checkpoint: step 8); the other fails in its next collective
-    run("killed", die_at_step=12 if rank == world - 1 else None)
+    if rank == world - 1:
+        os.environ["LIERE_TEST_DIE_AT_STEP"] = "12"
+    run("killed")
 """.replace("STEPS", str(STEPS))
 
 
@@ -83,6 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
     tmp = tmp_path_factory.mktemp("fsdp")
     done = launch(tmp)
     assert not (tmp / "killed" / "summary.json").exists()
+    assert json.loads((tmp / "killed" / "last.dcp" / "manifest.json").read_text())["step"] == 8, done.stderr[-3000:]
     assert done.returncode != 0  # the killed run
     return done, tmp
 

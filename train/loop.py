@@ -602,6 +602,8 @@ def train(
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
+        if world > 1:
+            dist.barrier()  # rank 0 has checked, cleaned (and with restart emptied) the folder
         found = find_checkpoint(config, run_dir, resume, device, rank, world, fsdp)
         task = load_task(config) if task is None else task
         run = restore(config, run_dir, task, found, device, rank, world, fsdp)
@@ -673,6 +675,8 @@ def _loop(
                 if run.saved is None or run.saved[1] != run.step:
                     run.save()
                 run.log.close()
+                if run.world > 1:
+                    dist.barrier()  # every rank leaves once rank 0's checkpoint is on disk
                 raise Preempted(signum, run.step, run.saved[0])
     finally:
         progress.close()
