@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from liere.coords import Grid, check_coords, is_tracing
+from liere.fx import is_symbolic_tracing
 from liere.rotations import Rotations
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def rotation_cache(module: nn.Module) -> RotationCache:
 def cache_applies(module: nn.Module, coords: object) -> bool:
     """Whether ``forward`` may use the cache now: enabled, not tracing, and no gradient can flow through the result
     (grad disabled, or no trainable parameter and the module not training)."""
-    if not _ENABLED[0] or is_tracing(coords) or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    if not _ENABLED[0] or is_tracing(coords) or is_symbolic_tracing():
         return False
     if torch.is_grad_enabled() and (module.training or any(p.requires_grad for p in module.parameters())):
         return False

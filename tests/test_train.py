@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from train.loop import cosine_schedule, param_groups, train
+from train import run_dir as layout
+from train.loop import check_folder, cosine_schedule, param_groups, train
 from train.presets import RunConfig, preset_config
 from train.tasks import SeededOrder, load_task
 
@@ -118,3 +119,9 @@ def test_training_loads_no_plotting_stack():
     check = "import sys, train.loop, train.__main__; assert 'matplotlib' not in sys.modules, 'matplotlib loaded'"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_fresh_run_refuses_a_folder_holding_only_a_sharded_checkpoint(tmp_path):
+    (tmp_path / layout.LAST_DCP).mkdir()
+    with pytest.raises(layout.RunExistsError, match=r"already holds a run \(last\.dcp\).*--resume"):
+        check_folder(tmp_path, resume=False)

@@ -168,14 +168,19 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
     return records
 
 
+def run_files(path: str | Path) -> list[str]:
+    """Names of the files of (part of) a training run present in ``path``: checkpoints, summary, metrics log."""
+    return [name for name in (LAST, PREV, LAST_DCP, PREV_DCP, SUMMARY, METRICS) if (Path(path) / name).exists()]
+
+
 def has_run(path: str | Path) -> bool:
     """Whether ``path`` already holds (part of) a training run: a checkpoint, a summary or a metrics log."""
-    return any((Path(path) / name).exists() for name in (LAST, PREV, LAST_DCP, PREV_DCP, SUMMARY, METRICS))
+    return bool(run_files(path))
 
 
 def remove_run_files(path: str | Path) -> list[Path]:
     """Remove a training run's files from ``path`` (checkpoints, logs, summary, evaluations) to train it again."""
-    found = [Path(path) / name for name in (LAST, PREV, LAST_DCP, PREV_DCP, SUMMARY, METRICS, EVALUATION, CORRECT)]
+    found = [Path(path) / name for name in (*run_files(path), EVALUATION, CORRECT)]
     found = [item for item in found if item.exists()]
     for item in found:
         shutil.rmtree(item) if item.is_dir() else item.unlink()
