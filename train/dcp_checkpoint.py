@@ -17,8 +17,10 @@ reshards on load: a checkpoint of N ranks resumes on M ranks.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import resource
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train import checkpoint
 from train import run_dir as layout
 from train.checkpoint import CheckpointError
+from train.dcp_metadata import METADATA, MetadataError, SafeFileSystemReader, expected_sizes, read_metadata, shard_name
 
 MANIFEST, TRAIN_STATE = "manifest.json", "train_state.pt"
+MAX_TRAIN_STATE_BYTES = 64 * 2**20  # step, scheduler, RNG states, counters and the run config: far less in practice
 PARTIAL_GLOB, TRASH_GLOB = ".partial-*.dcp", ".trash-*.dcp"
 
 
@@ -83,36 +88,102 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    try:
+        with layout.writing(partial):
+            try:
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+            except CheckpointException as err:  # an OSError inside (disk full) becomes WriteFailed naming the folder
+                failure = _failure(err)
+                raise layout.os_cause(failure) or _cut_short(partial, failure) from None
+            if rank == 0:
+                _finish(partial, train_state)
+    except layout.WriteFailed:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if rank == 0:
-        with open(partial / TRAIN_STATE, "wb") as f:
-            torch.save(train_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        files = {p.name: file_sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
-        layout.write_json(partial / MANIFEST, {"step": train_state["step"], "files": files})
-        _fsync_dir(partial)
         _rotate(partial, run_dir)
     dist.barrier()
     return run_dir / layout.LAST_DCP
 
 
-def read(path: Path) -> dict[str, Any]:
-    """The ``train_state`` of a DCP checkpoint folder after checking it against its manifest; ``CheckpointError``
-    naming the folder and the missing or corrupt files otherwise."""
+def _failure(err: CheckpointException) -> BaseException:
+    """The first rank's exception inside DCP's wrapper (which is a ``BaseException`` holding one per rank)."""
+    return next(iter(err.failures.values()))[0] if err.failures else RuntimeError(str(err))
+
+
+def _cut_short(partial: Path, failure: BaseException) -> BaseException:
+    """The OS error behind a DCP write that torch's writer reports only as ``unexpected pos`` (its file came out
+    shorter than written): the file size limit when a shard reached it, else a full disk. Other failures as they are."""
+    if "unexpected pos" not in str(failure):
+        return failure
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    sizes = [p.stat().st_size for p in partial.iterdir() if p.is_file()] if partial.is_dir() else []
+    code = errno.EFBIG if limit != resource.RLIM_INFINITY and any(size >= limit for size in sizes) else errno.ENOSPC
+    return OSError(code, os.strerror(code))
+
+
+def _finish(partial: Path, train_state: dict[str, Any]) -> None:
+    """Rank 0's part of a save: ``train_state.pt`` and the manifest (names, sizes and SHA-256 of every file)."""
+    with open(partial / TRAIN_STATE, "wb") as f:
+        torch.save(train_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    files = {p.name: file_sha256(p) for p in sorted(partial.iterdir()) if p.is_file()}
+    layout.write_json(partial / MANIFEST, {"step": train_state["step"], "files": files})
+    _fsync_dir(partial)
+
+
+def _checked_files(path: Path) -> dict[str, str]:
+    """The manifest's ``{file name: SHA-256}`` after checking, before anything is hashed or unpickled, that every
+    name is a plain file inside ``path`` (no symlink), that the DCP metadata is plain data, and that no file is
+    larger than the checkpoint can hold (shards: the bytes their metadata spans; ``train_state.pt``: a bound)."""
     manifest = path / MANIFEST
-    if not manifest.is_file():
+    if manifest.is_symlink() or not manifest.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (its save was interrupted)")
     try:
         files = layout.read_json(manifest)["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError("'files' is not a mapping of file names to digests")
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable: {err}") from err
-    if missing := [name for name in files if not (path / name).is_file()]:
+    try:
+        names = [shard_name(name, MANIFEST) for name in files]
+    except MetadataError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+    if missing := [name for name in names if (path / name).is_symlink() or not (path / name).is_file()]:
         raise CheckpointError(f"checkpoint {path} is missing shard file(s) {', '.join(missing)}")
+    if absent := [name for name in (METADATA, TRAIN_STATE) if name not in files]:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {', '.join(absent)}")
+    try:
+        sizes = expected_sizes(read_metadata(path))
+    except MetadataError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+    sizes |= {METADATA: (path / METADATA).stat().st_size, TRAIN_STATE: MAX_TRAIN_STATE_BYTES}
+    if unlisted := [name for name in sizes if name not in files]:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {', '.join(unlisted)}")
+    for name in names:
+        size = (path / name).stat().st_size
+        if name not in sizes:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {name}, which is not part of a checkpoint")
+        if size > sizes[name] or (name not in (TRAIN_STATE, METADATA) and size != sizes[name]):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} is {size} bytes, its metadata says {sizes[name]}"
+            )
+    return files
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The ``train_state`` of a DCP checkpoint folder after checking it against its manifest; ``CheckpointError``
+    naming the folder and the missing, oversized, foreign or corrupt files otherwise."""
+    files = _checked_files(path)
     if bad := [name for name, digest in files.items() if file_sha256(path / name) != digest]:
         raise CheckpointError(f"checkpoint {path} is corrupt: {', '.join(bad)} do(es) not match {MANIFEST}")
-    state = torch.load(path / TRAIN_STATE, weights_only=True)
-    if state.get("checksum") != checkpoint.checksum(state):
+    try:
+        state = torch.load(path / TRAIN_STATE, weights_only=True)
+    except Exception as err:  # an unpickling error names the refused global; the file matched the manifest
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is not plain data: {err}".splitlines()[0]) from err
+    if not isinstance(state, dict) or state.get("checksum") != checkpoint.checksum(state):
         raise CheckpointError(f"checkpoint {path} is corrupt: {TRAIN_STATE} does not match its stored checksum")
     checkpoint.check_model_spec(path, state)
     return state
@@ -139,9 +210,10 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None
     resharding when the checkpoint was written by another number of ranks."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     try:
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-    except Exception as err:  # DCP wraps reader errors of every rank in one CheckpointException
-        raise CheckpointError(f"checkpoint {path}: the model/optimizer shards do not fit this run: {err}") from err
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, storage_reader=SafeFileSystemReader(path))
+    except (Exception, CheckpointException) as err:  # DCP wraps every rank's reader error in one CheckpointException
+        cause = _failure(err) if isinstance(err, CheckpointException) else err
+        raise CheckpointError(f"checkpoint {path}: the model/optimizer shards do not fit this run: {cause}") from None
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
@@ -151,7 +223,11 @@ def load_model(path: Path) -> nn.Module:
     state = read(path)
     model = checkpoint.build_model(state["model_spec"])
     model_state = model.state_dict()
-    dcp.load({"model": model_state}, checkpoint_id=path, no_dist=True)
+    try:
+        dcp.load({"model": model_state}, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    except (Exception, CheckpointException) as err:  # DCP wraps reader errors in one CheckpointException
+        cause = _failure(err) if isinstance(err, CheckpointException) else err
+        raise CheckpointError(f"checkpoint {path}: its model shards cannot be read: {cause}") from None
     checkpoint.load_state_dict(path, model, model_state, "model")
     return model.eval()
 
