@@ -242,6 +242,7 @@ def _flip_image_byte(path: Path) -> None:
         (lambda p: torch.save({"train": {}, "source": "x"}, p), "lacks ['val', 'test']"),
         (lambda p: torch.save([1, 2], p), "holds a list, not a dict"),
         (lambda p: (p.unlink(), p.mkdir(), (p / "x").write_text("x")), "is unreadable (IsADirectoryError"),
+        (lambda p: torch.save({"train": torch.zeros(1).expand(2**33)}, p), "is unreadable (OversizedTensor: "),
     ],
 )
 def test_corrupt_or_malformed_cache_is_named_and_rebuilt(tmp_path, capsys, damage, problem):

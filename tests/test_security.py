@@ -175,3 +175,57 @@ def test_stored_configs_and_logs_are_checked_as_data(ab_folder, tmp_path):
     with pytest.raises(layout.RunFolderError, match=r"metrics\.jsonl, line 2 is not a metrics record"):
         layout.read_jsonl(run / layout.METRICS)
     assert not layout.alive(2**70)  # a lock file naming an impossible pid
+
+
+def _stride0(elements: int) -> torch.Tensor:
+    """A tensor of ``elements`` values over one stored float: a few bytes on disk, 4 * elements once copied."""
+    return torch.zeros(1).expand(elements)
+
+
+def test_small_files_describing_huge_tensors_are_refused(ab_folder, tmp_path, failing_command):
+    folder = _copy(ab_folder, tmp_path / "ab")
+    last = folder / RUN / layout.LAST
+    state = torch.load(last, weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("_extra_state"))
+    state["model"][key] = _stride0(2**33)  # refused before its checksum is computed (which would copy it)
+    torch.save(state, last)
+    for command in (failing_command(evaluate.main, folder / RUN), failing_command(inspect.main, folder / RUN)):
+        assert command.returncode == 2 and command.stderr.count("\n") == 1, command.stderr
+        assert f"{last} holds a tensor of shape (8589934592,)" in command.stderr
+    correct = folder / RUN / layout.CORRECT
+    torch.save(_stride0(2**33), correct)  # a 1.6 kB file, read by the report's McNemar test
+    with pytest.raises(layout.RunFolderError, match=f"{correct} is not a per-example correctness file: .* holds a"):
+        report._correctness(correct)
+
+
+def test_json_files_are_bounded_in_size_and_depth(tmp_path):
+    deep = tmp_path / "results.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(layout.RunFolderError, match="results.json is nested too deeply"):
+        layout.read_json(deep)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(layout.RunFolderError, match="metrics.jsonl is nested too deeply"):
+        layout.read_jsonl(metrics)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(16 * 2**30)  # 16 GiB, sparse: refused by its size, never read
+    for read in (layout.read_json, layout.read_jsonl):
+        with pytest.raises(layout.RunFolderError, match=r"big\.json is 17179869184 bytes, more than"):
+            read(big)
+
+
+def test_no_write_follows_a_symlink_out_of_the_run_folder(ab_folder, tmp_path):
+    folder = _copy(ab_folder, tmp_path / "ab")
+    outside = {name: tmp_path / f"outside-{name}" for name in (layout.CORRECT, inspect.OUTPUT, layout.METRICS)}
+    for name, target in outside.items():
+        target.write_text("precious")
+        (folder / RUN / name).unlink(missing_ok=True)
+        (folder / RUN / name).symlink_to(target)
+    (folder / inspect.OUTPUT).symlink_to(outside[inspect.OUTPUT])
+    evaluate.main([str(folder / RUN)])
+    inspect.main([str(folder)])
+    with pytest.raises(layout.RunFolderError, match="metrics.jsonl is a symbolic link"):
+        layout.append_text(folder / RUN / layout.METRICS, "{}\n")
+    assert all(target.read_text() == "precious" for target in outside.values())
+    assert not (folder / RUN / layout.CORRECT).is_symlink()  # replaced by the new file

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from models.registry import ModelSpecError, build_model, check_spec
+from train import torch_files
 from train.run_dir import LAST, PREV, tmp_path, warn, writing
 
 FORMAT_VERSION = 2  # 2 adds "checksum"; version 1 checkpoints (no checksum) still load
@@ -157,7 +158,9 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     file otherwise."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch_files.load(path, map_location=map_location)
+    except torch_files.OversizedTensor as err:
+        raise CheckpointError(f"checkpoint {err}") from err
     except Exception as err:  # torch raises many types for truncated/garbage files
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt): {err}") from err
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from train import checkpoint
+from train import checkpoint, torch_files
 from train import run_dir as layout
 from train.checkpoint import CheckpointError
 from train.dcp_metadata import METADATA, MetadataError, SafeFileSystemReader, expected_sizes, read_metadata, shard_name
@@ -180,7 +180,7 @@ def read(path: Path) -> dict[str, Any]:
     if bad := [name for name, digest in files.items() if file_sha256(path / name) != digest]:
         raise CheckpointError(f"checkpoint {path} is corrupt: {', '.join(bad)} do(es) not match {MANIFEST}")
     try:
-        state = torch.load(path / TRAIN_STATE, weights_only=True)
+        state = torch_files.load(path / TRAIN_STATE)
     except Exception as err:  # an unpickling error names the refused global; the file matched the manifest
         raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is not plain data: {err}".splitlines()[0]) from err
     if not isinstance(state, dict) or state.get("checksum") != checkpoint.checksum(state):

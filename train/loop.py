@@ -164,8 +164,7 @@ class MetricsLog:
         """Append one record (must contain ``step``)."""
         if not self.enabled:
             return
-        with layout.writing(self.path), open(self.path, "a") as f:
-            f.write(json_line(record))
+        layout.append_text(self.path, json_line(record))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -20,6 +20,7 @@ by the next run that takes the folder's lock.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ EVALUATION, CORRECT = "evaluation.json", "test_correct.pt"
 RESULTS_JSON, RESULTS_MD, REPORT = "results.json", "results.md", "report.md"
 CURVES, FINAL = "curves.png", "final.png"
 LOCK = ".lock"
+MAX_JSON_BYTES = 64 * 2**20  # results, summaries, configs and metrics logs of even long runs are far smaller
 TMP_GLOB = ".*.tmp"  # temp files of atomic writes: ``.<name>.<pid>.tmp``
 
 
@@ -119,6 +121,27 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def write_figure(figure: Any, path: str | Path, dpi: int) -> Path:
+    """A matplotlib figure saved as PNG atomically (a symlink at ``path`` is replaced, never written through)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` (created if absent), refusing to follow a symbolic link out of the folder."""
+    path = Path(path)
+    with writing(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if path.is_symlink():
+                raise RunFolderError(f"{path} is a symbolic link; files in a run folder must be plain files") from err
+            raise
+        with os.fdopen(fd, "a") as f:
+            f.write(text)
+
+
 def write_json(path: str | Path, value: Any) -> Path:
     """``value`` as indented JSON, written atomically."""
     return write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
@@ -129,15 +152,33 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
-def read_json(path: str | Path) -> Any:
-    """The JSON content of ``path``; ``RunFolderError`` naming the file when it is missing, empty or invalid."""
+def read_bounded_text(path: str | Path, limit: int = MAX_JSON_BYTES) -> str:
+    """The text of ``path``, refused (``RunFolderError`` naming it) when larger than ``limit`` bytes."""
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
     except FileNotFoundError:
         raise RunFolderError(f"{path} does not exist") from None
+    if size > limit:
+        raise RunFolderError(f"{path} is {size} bytes, more than a run folder's JSON files hold ({limit})")
+    return path.read_text()
+
+
+def parse_json(text: str, path: Path) -> Any:
+    """``json.loads`` whose nesting-depth failure is a ``RunFolderError`` naming ``path`` (no RecursionError)."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise RunFolderError(f"{path} is nested too deeply to be a file this program wrote") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON content of ``path``; ``RunFolderError`` naming the file when it is missing, too large, too deeply
+    nested, empty or invalid."""
+    path = Path(path)
+    text = read_bounded_text(path)
+    try:
+        return parse_json(text, path)
     except json.JSONDecodeError as err:
         what = "is empty" if not text.strip() else f"is not valid JSON ({err})"
         raise RunFolderError(f"{path} {what}; delete it to have it rebuilt, or restore it from a backup") from err
@@ -148,13 +189,13 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
     and with ``repair`` also cut from the file; a bad line elsewhere raises ``RunFolderError`` naming the line.
     """
     path = Path(path)
-    lines = path.read_text().splitlines(keepends=True)
+    lines = read_bounded_text(path).splitlines(keepends=True)
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, path)
         except json.JSONDecodeError as err:
             if number < len(lines):
                 raise RunFolderError(f"{path}, line {number} is not valid JSON ({err}); fix or delete it") from err

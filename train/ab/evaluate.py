@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from models.vit import COORD_SCALES
-from train import checkpoint, cli, data
+from train import checkpoint, cli, data, torch_files
 from train import run_dir as layout
 from train.ab import report
 from train.loop import resolve_device
@@ -255,7 +255,7 @@ def evaluate_run(
             context = task.model_spec["kwargs"]["context"]
             result["length"] = length_eval(model, task.splits.test, context, multiples, device, limit)
     else:
-        torch.save(correct_predictions(model, task.splits.test, device, limit), run_dir / layout.CORRECT)
+        torch_files.save(correct_predictions(model, task.splits.test, device, limit), run_dir / layout.CORRECT)
         if "shuffle" in evaluations:
             result["shuffle"] = shuffle_eval(model, task.splits.test, device, limit)
         if "extrapolate" in evaluations:

@@ -108,7 +108,7 @@ def plot_model(info: dict[str, Any], title: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0, depth].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
+    layout.write_figure(fig, path, dpi=110)
     return path
 
 
@@ -127,7 +127,7 @@ def plot_commutator_steps(runs: Sequence[tuple[str, list[dict[str, Any]]]], path
     ax.set(xlabel="step", ylabel="|[A_x, A_y]| / (|A_x| |A_y|)", title="generator commutator (mean solid, max dotted)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    layout.write_figure(fig, path, dpi=120)
     return path
 
 
@@ -234,7 +234,7 @@ def write(root: str | Path) -> Path | None:
     if text is None:
         return None
     path = Path(root) / OUTPUT
-    path.write_text(text + "\n")
+    layout.write_text(path, text + "\n")
     return path
 
 

@@ -94,7 +94,7 @@ def learning_curves(runs: Sequence[dict[str, Any]], metric: str, path: str | Pat
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    layout.write_figure(fig, path, dpi=120)
     return fig
 
 
@@ -137,7 +137,7 @@ def ci_bars(labels: Sequence[str], groups: dict[str, Sequence[Interval]], metric
     if not one or chance is not None:
         fig.legend(loc="outside right center", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=120)
+    layout.write_figure(fig, path, dpi=120)
     return fig
 
 
@@ -183,7 +183,7 @@ def ci_lines(panels: dict[str, Series], xlabel: str, metric: str, title: str, pa
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle(f"{title} ({_seeds_note(seeds, ci)})")
-    fig.savefig(path, dpi=120)
+    layout.write_figure(fig, path, dpi=120)
     return fig
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from train import cli, data
+from train import cli, data, torch_files
 from train import run_dir as layout
 from train.ab import inspect, plots
 from train.ab.stats import Interval, bootstrap_ci, mcnemar_test, sign_flip_test
@@ -98,7 +98,18 @@ def _correct(root: Path, runs: Sequence[AbRun]) -> torch.Tensor | None:
     paths = [root / r.run_dir / layout.CORRECT for r in sorted(runs, key=lambda r: r.seed)]
     if not paths or not all(p.is_file() for p in paths):
         return None
-    return torch.cat([torch.load(p, weights_only=True) for p in paths])
+    return torch.cat([_correctness(p) for p in paths])
+
+
+def _correctness(path: Path) -> torch.Tensor:
+    """One run's ``test_correct.pt``: a 1D tensor no larger than its file; ``RunFolderError`` naming it otherwise."""
+    try:
+        value = torch_files.load(path)
+    except Exception as err:  # unpickling refusals, truncated archives, oversized tensors
+        raise layout.RunFolderError(f"{path} is not a per-example correctness file: {err}".splitlines()[0]) from err
+    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+        raise layout.RunFolderError(f"{path} is not a per-example correctness file (a 1D tensor)")
+    return value
 
 
 def resolve_reference(rows: Sequence[Row], reference: str | None, higher_is_better: bool) -> str | None:

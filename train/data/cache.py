@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from train import torch_files
 from train.checkpoint import checksum
 from train.data.splits import ImageSplits, TensorImageDataset
 from train.run_dir import alive, writing
@@ -86,7 +87,7 @@ def read(path: Path, keys: Sequence[str] = ()) -> dict[str, Any] | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        data = torch.load(path, weights_only=True)
+        data = torch_files.load(path)
         problem = _problem(data, keys)
     except Exception as err:  # any unpickling or archive error means the file is not a cache we wrote
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
