@@ -159,12 +159,14 @@ def test_resume_without_checkpoint_refuses_and_restart_starts_over(runs, tmp_pat
     assert summary.steps == 30 and [r["step"] for r in layout.read_jsonl(run / layout.METRICS)] == list(range(5, 31, 5))
 
 
-def test_resume_before_the_first_checkpoint_starts_over_saying_so(tmp_path, capsys):
-    (tmp_path / layout.METRICS).write_text(json.dumps({"step": 5, "loss": 2.0}) + "\n")
+@pytest.mark.parametrize("logged", [5, 15])  # 15: stopped between step 15's metrics line and its checkpoint
+def test_resume_before_the_first_checkpoint_starts_over_saying_so(tmp_path, capsys, logged):
+    (tmp_path / layout.METRICS).write_text(json.dumps({"step": logged, "loss": 2.0}) + "\n")
     train(_config(steps=6, ckpt_every=15), tmp_path, resume=True, quiet=True)
-    assert "no checkpoint yet (metrics.jsonl ends at step 5, before the first checkpoint at step 15)" in (
+    assert f"no checkpoint yet (metrics.jsonl ends at step {logged}, the first checkpoint is due at step 15)" in (
         capsys.readouterr().err
     )
+    assert [r["step"] for r in layout.read_jsonl(tmp_path / layout.METRICS)][-1] == 6  # the old lines are gone
 
 
 # ---------------------------------------------------------------- fail fast

@@ -27,7 +27,7 @@ from train.presets import preset_config
 
 root, resume = sys.argv[1], sys.argv[2:]
 rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-config = preset_config("smoke", "digits", encoding="liere8", steps=STEPS, batch_size=16, log_every=1, ckpt_every=8,
+config = preset_config("smoke", "digits", encoding="liere8", steps=STEPS, batch_size=16, log_every=3, ckpt_every=8,
                        eval_every=10, device="cpu")
 
 def run(name, fsdp=True, signal_at=None, **options):
@@ -81,7 +81,8 @@ def result(out: Path, rank: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     """One 2-rank launch: DDP, FSDP, FSDP stopped by SIGUSR1 after step 5, DDP stopped so and resumed, FSDP with
-    one rank killed after step 12."""
+    one rank killed after step 12. Losses are logged every 3 steps, so each checkpoint (steps 5 and 8) falls inside a
+    loss window: a resume must restore every rank's window to log the same numbers."""
     tmp = tmp_path_factory.mktemp("fsdp")
     done = launch(tmp)
     assert not (tmp / "killed" / "summary.json").exists()
@@ -93,7 +94,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
 def test_fsdp_loss_curve_equals_ddp(runs: tuple[subprocess.CompletedProcess, Path]) -> None:
     done, tmp = runs
     ddp, fsdp = losses(tmp / "ddp"), losses(tmp / "fsdp")
-    assert len(ddp) == len(fsdp) == STEPS, done.stderr[-3000:]
+    assert len(ddp) == len(fsdp) == STEPS // 3 + 1, done.stderr[-3000:]  # every 3 steps, and the last one
     # fp32 tolerance: FSDP reduce-scatters the gradients where DDP all-reduces them (another summation order)
     torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=1e-5)
     assert result(tmp / "fsdp", 0)["sha"] == result(tmp / "fsdp", 1)["sha"]  # gathered weights agree on both ranks

@@ -101,6 +101,23 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def resume_window(windows: list[dict[str, float]], rank: int, world: int) -> dict[str, float]:
+    """This rank's loss window at a resume: its own on the same number of ranks (the next logged mean equals the
+    uninterrupted run's), else every rank gets the mean loss of the saved ones (resharded runs)."""
+    if len(windows) == world:
+        return windows[rank]
+    return windows[0] | {"loss": sum(w["loss"] for w in windows) / len(windows)}
+
+
+def all_gather(value: Any, world: int) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a process group. A collective."""
+    if world == 1 or not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def silent_ranks(rank: int, world: int, step: int, grace_s: float) -> list[int] | None:
     """After a collective timed out: the ranks that do not check in through the rendezvous store within
     ``grace_s`` seconds (live ranks time out too and check in). None if the store cannot be reached."""
@@ -297,18 +314,19 @@ class Run:
     def save(self) -> None:
         """Checkpoint (rank 0; every rank with ``fsdp``): everything ``restore`` needs to continue bitwise
         identically."""
+        train_state = self.train_state()  # a collective (every rank's loss window)
         if self.fsdp:
-            state = checkpoint.bundle(self.guard, self.task.model_spec, world_size=self.world, **self.train_state())
+            state = checkpoint.bundle(self.guard, self.task.model_spec, world_size=self.world, **train_state)
             path = dcp_checkpoint.save(self.run_dir, self.model, self.optimizer, self.rank, state)
         else:
             path = self.run_dir / layout.LAST
             if self.rank == 0:
-                state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), **self.train_state())
+                state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), **train_state)
                 checkpoint.save(path, checkpoint.bundle(self.guard, self.task.model_spec, **state))
         self.saved = (str(path), self.step)
 
     def train_state(self) -> dict[str, Any]:
-        """The checkpointed state besides model and optimizer."""
+        """The checkpointed state besides model and optimizer; a collective under torchrun."""
         return dict(
             step=self.step,
             scheduler=self.scheduler.state_dict(),
@@ -316,6 +334,7 @@ class Run:
             loss=self.loss,
             val=self.val,
             window=self.window,
+            windows=all_gather(self.window, self.world),
             wall_time_s=self.wall_time(),
             skipped=self.skipped,
         )
@@ -353,11 +372,12 @@ def find_checkpoint(
 
 def refuse_lost_run(config: RunConfig, run_dir: Path) -> None:
     """``--resume`` found no checkpoint: refuse when the folder shows there was one (``summary.json``, or metrics
-    logged at or past the first checkpoint step), rather than silently start over and overwrite the run's files.
-    A run stopped before its first checkpoint starts over, saying so."""
+    logged past the first checkpoint step), rather than silently start over and overwrite the run's files. A run
+    stopped before its first checkpoint was written (also between that step's metrics line, which is written first,
+    and the checkpoint) starts over, saying so."""
     summary, metrics = run_dir / layout.SUMMARY, run_dir / layout.METRICS
     logged = max((r.get("step", 0) for r in layout.read_jsonl(metrics)), default=0) if metrics.is_file() else 0
-    if summary.exists() or logged >= config.ckpt_every:
+    if summary.exists() or logged > config.ckpt_every:
         what = layout.SUMMARY if summary.exists() else f"{layout.METRICS} up to step {logged}"
         raise layout.RunFolderError(
             f"{run_dir} holds a run ({what}) but no {layout.LAST} or {layout.PREV} to resume it from; resuming would "
@@ -366,7 +386,7 @@ def refuse_lost_run(config: RunConfig, run_dir: Path) -> None:
         )
     if logged:
         layout.warn(
-            f"{run_dir}: no checkpoint yet ({layout.METRICS} ends at step {logged}, before the first checkpoint at "
+            f"{run_dir}: no checkpoint yet ({layout.METRICS} ends at step {logged}, the first checkpoint is due at "
             f"step {config.ckpt_every}); starting the run over from step 0"
         )
 
@@ -410,6 +430,8 @@ def restore(
             saved=(str(path), state["step"]),
         )
         saved |= {k: state[k] for k in ("window", "skipped") if k in state}  # absent in format-1 checkpoints
+        if windows := state.get("windows"):  # every rank's loss window since the last logged step
+            saved["window"] = resume_window(windows, rank, world)
         saved["wall_before"] = state.get("wall_time_s", 0.0)
         if rank == 0:
             print(f"[train] resuming {run_dir} from step {state['step']} of {config.steps} ({path.name})", flush=True)
