@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from train import cli, data
+from train import cli, data, distributed
 from train.loop import train
 from train.presets import PRESETS, preset_config
 from train.summaries import RunSummary
@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> RunSummary:
         compile=args.compile or None,
     )
     cli.set_threads(args)
-    summary = train(config, args.out, resume=args.resume, restart=args.restart, **cli.train_options(args))
+    try:
+        summary = train(config, args.out, resume=args.resume, restart=args.restart, **cli.train_options(args))
+    finally:
+        distributed.leave_process_group()
     keys = ("final_loss", "val", "test", "params", "step_time_ms", "peak_memory_mb", "peak_memory_kind")
     print(json.dumps({k: getattr(summary, k) for k in keys}))
     return summary

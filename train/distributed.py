@@ -33,6 +33,13 @@ def init_single_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at the end of a command, so that every rank shuts its backend down before the
+    interpreter exits (left to interpreter teardown, a rank can abort while another is still closing)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     """bf16 parameters and fp32 gradient reduction on CUDA; fp32 throughout elsewhere."""
     if device.type == "cuda":
