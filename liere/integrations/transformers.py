@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from liere.absolute import LearnedAbsolute, SinCosAbsolute
 from liere.attention import repeat_heads
 from liere.encoding import PositionEncoding
-from liere.factory import build
+from liere.factory import available, build, encoding_info, parse_spec
 from liere.integrations.forward_state import close_scope, current_scope, open_scope
 from liere.rope import rope_frequencies
 from liere.rotations import Rotations
@@ -35,7 +35,9 @@ def rope_parameters_of(config: Any) -> dict:
     if not isinstance(params, dict) or "rope_type" not in params:
         raise ValueError(f"config.rope_parameters must be one dict with a rope_type, got {params!r}")
     if params["rope_type"] not in ROPE_TYPES:
-        raise ValueError(f"rope_parameters rope_type {params['rope_type']!r} is not reproduced; supported: {ROPE_TYPES}")
+        raise ValueError(
+            f"rope_parameters rope_type {params['rope_type']!r} is not reproduced; supported: {ROPE_TYPES}"
+        )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"rope_parameters partial_rotary_factor must be 1.0, got {params['partial_rotary_factor']}")
     return params
@@ -49,7 +51,9 @@ class ConfigRoPE(nn.Module):
     def __init__(self, rope_parameters: dict, head_dim: int) -> None:
         super().__init__()
         self.rope_parameters, self.head_dim = dict(rope_parameters), head_dim
-        self.register_buffer("freqs", rope_frequencies(head_dim, float(rope_parameters["rope_theta"])), persistent=False)
+        self.register_buffer(
+            "freqs", rope_frequencies(head_dim, float(rope_parameters["rope_theta"])), persistent=False
+        )
         self.attention_factor = 1.0
 
     def forward(self, coords: Tensor) -> Rotations:
@@ -130,7 +134,12 @@ def build_encoding(spec: str | None, config: Any, head_dim: int, kv_heads: int, 
         if options:
             raise ValueError(f"options {sorted(options)} need a spec (spec=None reproduces the model's RoPE)")
         return ConfigRoPE(rope_parameters_of(config), head_dim)
-    pe = build(spec, head_dim=head_dim, num_axes=1, num_heads=kv_heads, depth=depth, **options)
+    name = parse_spec(spec)[0]
+    axes = next((info.axes for info in map(encoding_info, available()) if info.pattern.fullmatch(name)), (1,))
+    if 1 not in axes:
+        raise ValueError(f"spec {spec!r} encodes {' or '.join(map(str, axes))}D positions; a decoder needs a 1D one")
+    additive = dict(dim=config.hidden_size, grid_shape=(config.max_position_embeddings,))  # built, then refused
+    pe = build(spec, head_dim=head_dim, num_axes=1, num_heads=kv_heads, depth=depth, **additive, **options)
     if pe.num_axes != 1:
         raise ValueError(f"spec {spec!r} is a {pe.num_axes}D encoding; a decoder needs a 1D one")
     if isinstance(pe, (LearnedAbsolute, SinCosAbsolute)):
