@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from liere.absolute import LearnedAbsolute, SinCosAbsolute
 from liere.attention import repeat_heads
-from liere.encoding import PositionEncoding
 from liere.factory import available, build, encoding_info, parse_spec
 from liere.integrations.forward_state import close_scope, current_scope, open_scope
 from liere.rope import rope_frequencies
@@ -167,7 +166,8 @@ def liere_transformers(model: nn.Module, spec: str | None = None, **options: obj
     """
     base, attns = decoder_parts(model)
     config = model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = attns[0].head_dim
     pe = build_encoding(spec, config, head_dim, kv_heads, len(attns), **options)
     factor = float(getattr(pe, "attention_factor", 1.0))
@@ -209,7 +209,8 @@ def from_pretrained(path: str | Path, **kwargs: object) -> nn.Module:
     keys, state = encoding_keys(model), {}
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            state |= {key: f.get_tensor(key) for key in keys if key in f.keys()}
+            stored = set(f.keys())  # noqa: SIM118 (a safetensors file, not a dict)
+            state |= {key: f.get_tensor(key) for key in keys if key in stored}
     missing = sorted(set(keys) - set(state))
     if missing:
         raise ValueError(f"{path}: the saved weights lack the encoding's {missing}")
