@@ -13,6 +13,7 @@ from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
 from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.lie import LieRE
+from liere.multimodal import multimodal_positions
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
@@ -40,6 +41,7 @@ __all__ = [
     "build",
     "encoding_info",
     "grid_coords",
+    "multimodal_positions",
     "register",
     "rotary_attention",
     "skew_expm",
