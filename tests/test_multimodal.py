@@ -59,7 +59,7 @@ def test_positions_match_get_rope_index(qwen2_vl, segments: list, merge: int) ->
 
 @pytest.mark.parametrize(("segments", "merge"), SEQUENCES[1:3])
 def test_mrope_axial_rope_rotates_like_qwen2_vl(qwen2_vl, segments: list, merge: int) -> None:
-    """Same rotations as Qwen2VLRotaryEmbedding + apply_rotary_pos_emb, up to the pair layout (halves vs interleaved)."""
+    """Same rotations as Qwen2VLRotaryEmbedding + apply_rotary_pos_emb, up to the pair layout (halves, interleaved)."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
 
     model = qwen2_vl(merge)
