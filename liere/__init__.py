@@ -16,6 +16,7 @@ from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
+from liere.scaling import scaled_frequencies
 from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
 
@@ -42,6 +43,7 @@ __all__ = [
     "grid_coords",
     "register",
     "rotary_attention",
+    "scaled_frequencies",
     "skew_expm",
     "skew_expm_progression",
 ]
