@@ -17,6 +17,7 @@ from liere.multimodal import multimodal_positions
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
+from liere.scaling import scaled_frequencies
 from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
 
@@ -44,6 +45,7 @@ __all__ = [
     "multimodal_positions",
     "register",
     "rotary_attention",
+    "scaled_frequencies",
     "skew_expm",
     "skew_expm_progression",
 ]
