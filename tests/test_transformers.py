@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(
     vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    initializer_range=0.1,  # larger weights than the default: logits that depend clearly on positions
 )  # fmt: skip
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 SPECS = ["rope", "liere8", "rope-mixed", "comrope-ap8", "string-cayley"]
@@ -52,17 +53,53 @@ def left_padded(batch: int = 3, length: int = 9, seed: int = 2) -> tuple[torch.T
     return ids, mask
 
 
+ROPE_TYPES = {  # rope_parameters beyond rope_theta; positions up to 40 pass every original length (16)
+    "default": {},
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},  # with max_position_embeddings=16: rescaled past 16 positions
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {
+        "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+        "long_factor": [1.0, 1.3, 1.7, 2.2, 3.0, 4.5, 6.0, 8.0],
+        "original_max_position_embeddings": 16,
+    },
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+def own_rope_model(arch: str, rope_type: str) -> torch.nn.Module:
+    params = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_TYPES[rope_type]}
+    return tiny_model(arch, rope_parameters=params, max_position_embeddings=16 if rope_type == "dynamic" else 64)
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_own_rope_reproduces_logits(arch: str) -> None:
-    """spec=None: liere computes the config's RoPE; logits equal transformers' (also padded, with position_ids)."""
-    model = tiny_model(arch)
+def test_own_rope_reproduces_logits(arch: str, rope_type: str) -> None:
+    """spec=None: liere computes the config's RoPE (rope_parameters included); logits equal transformers' to 1e-5,
+    for short and long inputs, left-padded, and with explicit position_ids."""
+    ids = torch.randint(1, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    pos = torch.tensor([[3, 4, 5, 9, 10, 11, 20, 21, 22]])
+    for kwargs in [
+        dict(input_ids=ids[:, :12]),
+        dict(input_ids=ids, attention_mask=mask),
+        dict(input_ids=ids[:1, :9], position_ids=pos),
+    ]:
+        model = own_rope_model(arch, rope_type)  # fresh: transformers' dynamic and longrope RoPE keep state
+        ours = adapted(model, None)
+        with torch.no_grad():
+            diff = (ours(**kwargs).logits - model(**kwargs).logits).abs().max().item()
+        print(f"{arch} {rope_type} {tuple(kwargs['input_ids'].shape)}: max logit difference {diff:.2e}")
+        assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_own_rope_generates_like_transformers(rope_type: str) -> None:
+    """Greedy generate (KV cache) from a left-padded 9-token prompt to 49 tokens, past every original length."""
+    model = own_rope_model("llama", rope_type)
     ours = adapted(model, None)
     ids, mask = left_padded()
-    with torch.no_grad():
-        assert (ours(ids).logits - model(ids).logits).abs().max() <= 1e-5
-        assert (ours(ids, attention_mask=mask).logits - model(ids, attention_mask=mask).logits).abs().max() <= 1e-5
-        pos = torch.tensor([[3, 4, 5, 9, 10, 11, 20, 21, 22]])
-        assert (ours(ids[:1], position_ids=pos).logits - model(ids[:1], position_ids=pos).logits).abs().max() <= 1e-5
     new = dict(max_new_tokens=40, do_sample=False, attention_mask=mask)
     assert torch.equal(ours.generate(ids, **new), model.generate(ids, **new))
 

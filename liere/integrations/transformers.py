@@ -21,11 +21,11 @@ from liere.absolute import LearnedAbsolute, SinCosAbsolute
 from liere.attention import repeat_heads
 from liere.factory import available, build, encoding_info, parse_spec
 from liere.integrations.forward_state import close_scope, current_scope, open_scope
-from liere.rope import rope_frequencies
 from liere.rotations import Rotations
+from liere.scaling import ROPE_TYPES, check_rope_parameters, scaled_frequencies
 
 TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default",)
+SEQ_LEN_TYPES = ("dynamic", "longrope")  # frequencies that depend on the forward's length
 
 
 def rope_parameters_of(config: Any) -> dict:
@@ -34,30 +34,40 @@ def rope_parameters_of(config: Any) -> dict:
     if not isinstance(params, dict) or "rope_type" not in params:
         raise ValueError(f"config.rope_parameters must be one dict with a rope_type, got {params!r}")
     if params["rope_type"] not in ROPE_TYPES:
-        raise ValueError(
-            f"rope_parameters rope_type {params['rope_type']!r} is not reproduced; supported: {ROPE_TYPES}"
-        )
+        kind = params["rope_type"]
+        raise ValueError(f"rope_parameters rope_type {kind!r} is not reproduced; supported: {', '.join(ROPE_TYPES)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"rope_parameters partial_rotary_factor must be 1.0, got {params['partial_rotary_factor']}")
+    check_rope_parameters(params)
     return params
 
 
 class ConfigRoPE(nn.Module):
-    """A transformers config's RoPE computed by liere: pair ``j`` rotates by ``p * inv_freq[j]`` and q, k are
-    scaled by the ``attention_factor`` of ``rope_parameters``; the pairs are transformers' halves
-    ``(j, j + head_dim / 2)`` (``HalvesLayout``)."""
+    """A transformers config's RoPE computed by liere (``liere.scaled_frequencies``): pair ``j`` rotates by
+    ``p * freqs[j]`` and q, k are multiplied by ``attention_factor``; the pairs are transformers' halves
+    ``(j, j + head_dim / 2)`` (permuted in ``RotatedProjection``). ``dynamic`` and ``longrope`` frequencies
+    follow the forward's length ``max(position_ids) + 1``, per forward (transformers keeps the largest length
+    seen so far until a forward fits the original length again)."""
 
-    def __init__(self, rope_parameters: dict, head_dim: int) -> None:
+    def __init__(self, rope_parameters: dict, head_dim: int, max_position_embeddings: int) -> None:
         super().__init__()
         self.rope_parameters, self.head_dim = dict(rope_parameters), head_dim
-        self.register_buffer(
-            "freqs", rope_frequencies(head_dim, float(rope_parameters["rope_theta"])), persistent=False
+        self.max_position_embeddings = max_position_embeddings
+        freqs, self.attention_factor = self.frequencies(None)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def frequencies(self, seq_len: int | None) -> tuple[Tensor, float]:
+        """``(freqs (head_dim / 2,), attention_factor)`` for a forward over ``seq_len`` positions."""
+        return scaled_frequencies(
+            self.head_dim, self.rope_parameters, max_position_embeddings=self.max_position_embeddings, seq_len=seq_len
         )
-        self.attention_factor = 1.0
 
     def forward(self, coords: Tensor) -> Rotations:
         """Rotations of positions ``coords`` ``(S, n, 1)``, depth 1, shared by heads."""
-        angles = coords.float() * self.freqs  # (S, n, pairs), fp32 as transformers computes them
+        freqs = self.freqs
+        if self.rope_parameters["rope_type"] in SEQ_LEN_TYPES:
+            freqs = self.frequencies(int(coords.max()) + 1)[0].to(coords.device)
+        angles = coords.float() * freqs  # (S, n, pairs), fp32 as transformers computes them
         return Rotations.from_angles(angles[None, :, None], self.head_dim)
 
 
@@ -132,7 +142,7 @@ def build_encoding(spec: str | None, config: Any, head_dim: int, kv_heads: int, 
     if spec is None:
         if options:
             raise ValueError(f"options {sorted(options)} need a spec (spec=None reproduces the model's RoPE)")
-        return ConfigRoPE(rope_parameters_of(config), head_dim)
+        return ConfigRoPE(rope_parameters_of(config), head_dim, config.max_position_embeddings)
     name = parse_spec(spec)[0]
     axes = next((info.axes for info in map(encoding_info, available()) if info.pattern.fullmatch(name)), (1,))
     if 1 not in axes:
