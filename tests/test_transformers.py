@@ -153,6 +153,28 @@ def test_training_reaches_every_encoding_parameter(spec: str) -> None:
     assert all(not torch.equal(before[name], p) for name, p in pe.named_parameters())
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """Checkpointed layers are recomputed in the backward, outside the forward: the rotations travel with their
+    position_embeddings, so the gradients equal those of a plain backward."""
+    ids, _ = left_padded()
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted(tiny_model("llama"), "liere8").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_a_layer_alone_needs_the_models_positions() -> None:
+    model = adapted(tiny_model("llama"), "liere8")
+    x = torch.randn(1, 5, TINY["hidden_size"])
+    with pytest.raises(RuntimeError, match="position_embeddings must come from the adapted model's rotary_emb"):
+        model.model.layers[0].self_attn(x, position_embeddings=(torch.ones(1, 5, 16), torch.zeros(1, 5, 16)))
+
+
 @pytest.mark.parametrize("spec", [None, "liere8"])
 def test_bf16_autocast_follows_fp32(spec: str) -> None:
     model = adapted(tiny_model("llama"), spec)

@@ -3,9 +3,9 @@
 ``liere_transformers(model, spec=None)`` adapts a decoder whose attention receives ``position_embeddings`` and
 projects queries and keys with ``q_proj``/``k_proj`` (Llama, Qwen2, Mistral, ...): each layer's ``q_proj`` and
 ``k_proj`` are followed by the layer's rotations at the forward's ``position_ids``, and the model's rotary
-embedding hands the attention an identity ``(cos, sin)`` (``cos = 1``, ``sin = 0``), so transformers' own
-``apply_rotary_pos_emb`` leaves q and k as rotated. Keys enter transformers' KV cache rotated, as with its RoPE.
-See docs/transformers.md.
+embedding hands the attention an identity ``(cos, sin)`` (``cos = 1``, ``sin = 0``) carrying the rotations, so
+transformers' own ``apply_rotary_pos_emb`` leaves q and k as rotated. Keys enter transformers' KV cache rotated, as
+with its RoPE. See docs/transformers.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from liere.absolute import LearnedAbsolute, SinCosAbsolute
 from liere.attention import repeat_heads
 from liere.factory import available, build, encoding_info, parse_spec
-from liere.integrations.forward_state import close_scope, current_scope, open_scope
+from liere.integrations.forward_state import ForwardRotations, close_scope, current_scope, open_scope
 from liere.rotations import Rotations
 from liere.scaling import ROPE_TYPES, check_rope_parameters, scaled_frequencies
 
@@ -71,19 +71,43 @@ class ConfigRoPE(nn.Module):
         return Rotations.from_angles(angles[None, :, None], self.head_dim)
 
 
+class ScopedPositions(tuple):
+    """The identity ``(cos, sin)`` handed to the attention layers, carrying this forward's rotations (``scope``):
+    the attention's pre-hook enters that scope, also when gradient checkpointing recomputes the layer later."""
+
+    scope: ForwardRotations
+
+
 class LiereRotaryEmbedding(nn.Module):
-    """Stands in for the model's ``rotary_emb``: puts this forward's rotations (at ``position_ids``) into the
-    forward's scope for the projections, and returns the identity ``(cos, sin)`` to the attention layers."""
+    """Stands in for the model's ``rotary_emb``: computes this forward's rotations (at ``position_ids``) and
+    returns the identity ``(cos, sin)`` that carries them to the attention layers (``ScopedPositions``)."""
 
     def __init__(self, encoding: nn.Module, head_dim: int) -> None:
         super().__init__()
         self.encoding, self.head_dim = encoding, head_dim
 
-    def forward(self, x: Tensor, position_ids: Tensor, **_: object) -> tuple[Tensor, Tensor]:
-        coords = position_ids[..., None].to(torch.float32)  # (S, n, 1)
-        current_scope().put(self.encoding(coords))
+    def forward(self, x: Tensor, position_ids: Tensor, **_: object) -> ScopedPositions:
+        scope = ForwardRotations()
+        scope.put(self.encoding(position_ids[..., None].to(torch.float32)))  # coords (S, n, 1)
         shape = (*position_ids.shape, self.head_dim)
-        return x.new_ones(shape), x.new_zeros(shape)
+        positions = ScopedPositions((x.new_ones(shape), x.new_zeros(shape)))
+        positions.scope = scope
+        return positions
+
+
+def not_adapted(_: int) -> Rotations:
+    raise RuntimeError("position_embeddings must come from the adapted model's rotary_emb (call the model)")
+
+
+def _enter(_attn: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of each attention module: enter the rotations its ``position_embeddings`` carry."""
+    positions = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    open_scope(getattr(positions, "scope", None) or ForwardRotations(not_adapted))
+
+
+def _leave(*_: object) -> None:
+    """Forward hook (always called, also on errors): leave the attention's rotations scope."""
+    close_scope()
 
 
 class RotatedProjection(nn.Linear):
@@ -156,16 +180,6 @@ def build_encoding(spec: str | None, config: Any, head_dim: int, kv_heads: int, 
     return pe
 
 
-def _open(*_: object) -> None:
-    """Forward pre-hook of the base model: open this forward's rotations scope."""
-    open_scope()
-
-
-def _close(*_: object) -> None:
-    """Forward hook (always called, also on errors): release this forward's rotations."""
-    close_scope()
-
-
 def liere_transformers(model: nn.Module, spec: str | None = None, **options: object) -> nn.Module:
     """Adapt ``model`` (a transformers decoder, with or without LM head) in place; returns the encoding.
 
@@ -185,8 +199,8 @@ def liere_transformers(model: nn.Module, spec: str | None = None, **options: obj
     for layer, attn in enumerate(attns):
         attn.q_proj = RotatedProjection(attn.q_proj, heads, kv_heads, layer, spec is None, factor)
         attn.k_proj = RotatedProjection(attn.k_proj, kv_heads, kv_heads, layer, spec is None, factor)
-    base.register_forward_pre_hook(_open)
-    base.register_forward_hook(_close, always_call=True)
+        attn.register_forward_pre_hook(_enter, with_kwargs=True)
+        attn.register_forward_hook(_leave, always_call=True)
     config.liere = {"spec": spec, "options": options}
     return pe
 
