@@ -13,9 +13,11 @@ from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
 from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.lie import LieRE
+from liere.multimodal import multimodal_positions
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
+from liere.scaling import scaled_frequencies
 from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
 
@@ -40,8 +42,10 @@ __all__ = [
     "build",
     "encoding_info",
     "grid_coords",
+    "multimodal_positions",
     "register",
     "rotary_attention",
+    "scaled_frequencies",
     "skew_expm",
     "skew_expm_progression",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -141,28 +142,61 @@ class AxialRoPE(PositionEncoding):
     ``p_a * theta ** (-2 * num_axes * j / rot_dim)``. ``rot_dim`` defaults to the largest multiple of
     ``2 num_axes`` <= ``head_dim`` (e.g. 60 of 64 features for 3 axes; the rest pass through). No parameters;
     the frequencies ``freqs`` stay fp32 when the module is cast.
+
+    ``sections`` (M-RoPE, Qwen2-VL's ``mrope_section``): pairs per axis; pair ``j`` rotates by
+    ``p_a * theta ** (-2j / rot_dim)`` (1D RoPE's frequencies) with ``a`` the axis of its section, and
+    ``rot_dim = 2 * sum(sections)``. Positions on the diagonal ``(p, ..., p)`` (text tokens) then get 1D RoPE
+    exactly. Transformers rotates the pairs ``(j, j + rot_dim / 2)``, liere ``(2j, 2j + 1)``: the same rotations up
+    to that feature permutation.
     """
 
     fp32_buffers = ("freqs",)
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta")
 
-    def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        theta: float = 100.0,
+        rot_dim: int | None = None,
+        *,
+        sections: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(head_dim, num_axes)
+        self.sections = None if sections is None else check_sections(sections, num_axes, head_dim, rot_dim)
         if rot_dim is None:
-            rot_dim = head_dim - head_dim % (2 * num_axes)
+            rot_dim = 2 * sum(self.sections) if self.sections else head_dim - head_dim % (2 * num_axes)
             if rot_dim == 0:
                 raise ValueError(f"head_dim={head_dim} is too small: each of the {num_axes} axes needs a feature pair")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2 * num_axes, f"each of the {num_axes} axes rotates pairs")
+        step = 2 if self.sections else 2 * num_axes
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, step, f"each of the {num_axes} axes rotates pairs")
         self.theta = check_positive_float(theta, "theta")
-        self.register_buffer("freqs", torch.empty(self.rot_dim // (2 * num_axes)), persistent=False)
+        self.register_buffer("freqs", torch.empty(self.rot_dim // step), persistent=False)
         self.reset_parameters()
 
     def initial_state(self) -> dict[str, Tensor]:
+        if self.sections:  # M-RoPE: 1D RoPE's frequencies, pair j on the axis of its section
+            return {"freqs": rope_frequencies(self.rot_dim, self.theta)}
         return {"freqs": rope_frequencies(self.rot_dim, self.theta, step=2 * self.num_axes)}  # (pairs per axis,)
 
     def rotations(self, coords: Tensor) -> Rotations:
-        angles = (coords[..., :, None] * self.freqs.to(coords)).flatten(-2)  # (S, n, axes * pairs per axis)
+        if self.sections:
+            axis = [a for a, size in enumerate(self.sections) for _ in range(size)]  # the axis of each pair
+            angles = coords[..., axis] * self.freqs.to(coords)  # (S, n, pairs)
+        else:
+            angles = (coords[..., :, None] * self.freqs.to(coords)).flatten(-2)  # (S, n, axes * pairs per axis)
         return Rotations.from_angles(angles[None, :, None], self.head_dim)
+
+
+def check_sections(sections: Sequence[int], num_axes: int, head_dim: int, rot_dim: int | None) -> tuple[int, ...]:
+    """M-RoPE ``sections`` (feature pairs per axis, Qwen2-VL's ``mrope_section``), checked against the widths."""
+    sections = tuple(sections)
+    if len(sections) != num_axes or not all(isinstance(s, int) and s > 0 for s in sections):
+        raise ValueError(f"sections must be {num_axes} positive ints (pairs per axis), got {sections!r}")
+    width = 2 * sum(sections)
+    if width > head_dim or (rot_dim is not None and rot_dim != width):
+        raise ValueError(f"sections {sections} rotate {width} features, but head_dim={head_dim}, rot_dim={rot_dim}")
+    return sections
 
 
 class RoPEMixed(LearnedEncoding):

@@ -154,7 +154,7 @@ def test_bad_queries_raise() -> None:
         per_sample.apply(torch.randn(3, 1, 9, 16))
     with pytest.raises(IndexError, match="out of range"):
         rot[2]
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="9 tokens but k only 8"):
         liere.rotary_attention(torch.randn(1, 3, 9, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), layer)
 
 

@@ -24,12 +24,12 @@ from models.lm import ROTARY_1D  # noqa: E402
 
 def tiny_x_decoder(**decoder_kwargs):
     torch.manual_seed(0)
-    decoder = Decoder(dim=32, depth=2, heads=2, attn_dim_head=16, **decoder_kwargs)
+    decoder = Decoder(**(dict(dim=32, depth=2, heads=2, attn_dim_head=16) | decoder_kwargs))
     return TransformerWrapper(num_tokens=20, max_seq_len=32, use_abs_pos_emb=False, attn_layers=decoder)
 
 
-def adapted(spec: str, **wrapper_kwargs):
-    model = tiny_x_decoder()
+def adapted(spec: str, decoder_kwargs: dict | None = None, **wrapper_kwargs):
+    model = tiny_x_decoder(**(decoder_kwargs or {}))
     liere_x_transformers(model, spec)
     for name, value in wrapper_kwargs.items():
         setattr(model, name, value)
@@ -37,6 +37,13 @@ def adapted(spec: str, **wrapper_kwargs):
 
 
 TOKENS = torch.randint(0, 20, (2, 24), generator=torch.Generator().manual_seed(2))
+
+GROUPED_AND_NORMED = {  # x-transformers options that act between the projections and the rotations
+    "plain": {},
+    "mqa": {"attn_kv_heads": 1},
+    "qk_norm": {"attn_qk_norm": True, "attn_qk_norm_dim_scale": True},
+    "qk_rmsnorm_gqa": {"attn_qk_rmsnorm": True, "heads": 4, "attn_kv_heads": 2},
+}
 
 
 @pytest.mark.parametrize("rot_dim", [16, 32])
@@ -52,9 +59,9 @@ def test_rope_matches_x_transformers_rotary(rot_dim):
     torch.testing.assert_close(rot.apply(q) @ rot.apply(k).transpose(-1, -2), xq @ xk.transpose(-1, -2))
 
 
-def native_rotary_copy(model):
+def native_rotary_copy(model, **decoder_kwargs):
     """x-transformers' own rotary decoder (``rotary_emb_dim = dim_head``) with ``model``'s weights."""
-    native = tiny_x_decoder(rotary_pos_emb=True, rotary_emb_dim=16)
+    native = tiny_x_decoder(rotary_pos_emb=True, rotary_emb_dim=16, **decoder_kwargs)
     missing, unexpected = native.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["attn_layers.rotary_pos_emb.inv_freq"]
     assert unexpected == ["attn_layers.liere_encoding._extra_state"]  # the encoding's settings (liere.settings)
@@ -67,6 +74,25 @@ def test_x_transformers_adapter_with_rope_equals_native_rotary():
     torch.testing.assert_close(model(TOKENS), native(TOKENS), rtol=1e-4, atol=1e-5)
     pos = torch.arange(24) + 7  # custom integer positions
     torch.testing.assert_close(model(TOKENS, pos=pos), native(TOKENS, pos=pos), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", list(GROUPED_AND_NORMED)[1:])
+def test_rope_after_qk_norm_and_grouped_heads_equals_native_rotary(options):
+    """x-transformers rotates after qk-norm (l2 with its per-feature scale, or RMS) and on grouped key/value heads;
+    the adapter rotates there too: same logits and same cached greedy tokens as its own rotary decoder."""
+    model = adapted("rope", GROUPED_AND_NORMED[options])
+    native = native_rotary_copy(model, **GROUPED_AND_NORMED[options])
+    with torch.no_grad():
+        if options == "qk_norm":  # move the per-feature scales away from their constant start
+            for m in (model, native):
+                torch.manual_seed(5)
+                for name, p in m.named_parameters():
+                    if "qk_norm" in name:
+                        p.copy_(torch.rand_like(p) + 0.5)
+        torch.testing.assert_close(model(TOKENS), native(TOKENS), rtol=1e-4, atol=1e-5)
+        ours = AutoregressiveWrapper(model).generate(TOKENS[:, :4], 16, temperature=0.0, cache_kv=True)
+        theirs = AutoregressiveWrapper(native).generate(TOKENS[:, :4], 16, temperature=0.0, cache_kv=True)
+    assert torch.equal(ours, theirs)
 
 
 def test_x_transformers_adapter_trains_liere_causally():
@@ -86,8 +112,8 @@ def test_x_transformers_adapter_trains_liere_causally():
 def test_x_transformers_adapter_rejects_what_it_cannot_place():
     with pytest.raises(ValueError, match="rotary_pos_emb=False"):
         liere_x_transformers(tiny_x_decoder(rotary_pos_emb=True))
-    with pytest.raises(ValueError, match="qk-norm"):
-        liere_x_transformers(tiny_x_decoder(attn_qk_norm=True))
+    with pytest.raises(ValueError, match="cross-attention|rotary_pos_emb=False"):
+        liere_x_transformers(tiny_x_decoder(cross_attend=True))
     model = adapted("liere8")
     with pytest.raises(ValueError, match="mems"):
         model(TOKENS, mems=[torch.zeros(2, 3, 32)] * 2)
@@ -143,9 +169,10 @@ def test_seq_start_pos_parity():
     torch.testing.assert_close(torch.cat(steps, dim=1)[kept], parallel[kept], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", list(GROUPED_AND_NORMED))
 @pytest.mark.parametrize("spec", ["rope", "liere8", "string-cayley"])
-def test_generate_with_cache_equals_without(spec):
-    model = adapted(spec)
+def test_generate_with_cache_equals_without(spec, options):
+    model = adapted(spec, GROUPED_AND_NORMED[options])
     assert model.can_cache_kv
     wrapper = AutoregressiveWrapper(model)
     prompts = TOKENS[:, :4]

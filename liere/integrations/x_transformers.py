@@ -1,4 +1,4 @@
-"""x-transformers adapter: any 1D liere encoding in an x-transformers decoder, through its q/k projections.
+"""x-transformers adapter: any 1D liere encoding in an x-transformers decoder, rotating q and k after qk-norm.
 
 See docs/x_transformers.md for why the ``rotary_pos_emb`` hook cannot carry LieRE and what this supports.
 """
@@ -9,29 +9,42 @@ from torch import Tensor, nn
 from x_transformers.x_transformers import Attention, AttentionLayers, TransformerWrapper, always
 
 from liere import Grid, PositionEncoding, build
+from liere.attention import repeat_heads
 from liere.integrations.forward_state import ForwardRotations, close_scope, current_scope, open_scope
 
 UNSUPPORTED_KWARGS = ("mems", "context", "rotary_pos_emb")
 
 
-class RotatedLinear(nn.Linear):
-    """x-transformers' ``to_q``/``to_k`` followed by one layer's rotations (same weights, same keys).
+class HeadRotation(nn.Module):
+    """Rotates one layer's queries or keys ``(b, heads, n, head_dim)`` where x-transformers applies its own rotary
+    embedding: after the head split and qk-norm (l2 or RMS, with their scales), before the kv cache.
 
-    The rotations come from the running forward's scope (``liere.integrations.forward_state``), for the
-    tokens this projection sees: all of them, or only the new ones when decoding with a kv cache (whose
-    keys are stored already rotated, so a decoding step rotates only its new tokens).
+    Installed as the attention's ``q_rmsnorm``/``k_rmsnorm`` when it has none, else run on that norm's output (a
+    forward hook: state-dict keys unchanged). The rotations come from the running forward's scope
+    (``liere.integrations.forward_state``), for the tokens these heads hold: all of them, or only the new ones when
+    decoding with a kv cache (whose keys are stored rotated). Rotations per key/value head are shared by the
+    ``group`` query heads of each group.
     """
 
-    def __init__(self, linear: nn.Linear, heads: int, layer: int) -> None:
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias
-        self.heads, self.layer = heads, layer
+    def __init__(self, layer: int, group: int = 1) -> None:
+        super().__init__()
+        self.layer, self.group = layer, group
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(b, n, heads * head_dim)`` projections, rotated per head at the positions of these ``n`` tokens."""
-        out = super().forward(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (b, heads, n, head_dim)
-        rot = current_scope().get(x.shape[1]).for_layer(self.layer)
-        return rot.apply(out).transpose(1, 2).flatten(-2)
+        return repeat_heads(current_scope().get(x.shape[2]).for_layer(self.layer), self.group).apply(x)
+
+    def after(self, _module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        """Forward hook form: rotate the output of the norm it is registered on."""
+        return self(out)
+
+
+def place(attn: Attention, name: str, rotation: HeadRotation) -> None:
+    """Put ``rotation`` at ``attn``'s ``q_rmsnorm``/``k_rmsnorm`` slot (``name``): that norm, then the rotation."""
+    norm = getattr(attn, name)
+    if norm is None:
+        setattr(attn, name, rotation)
+    else:
+        norm.register_forward_hook(rotation.after)
 
 
 def trimmed_tokens(cache: object) -> int:
@@ -73,7 +86,7 @@ def _open(layers: AttentionLayers, args: tuple, kwargs: dict) -> None:
     positions = token_positions(x, kwargs)
     pe = layers.liere_encoding
 
-    def compute(n: int) -> object:  # the last n positions (the tokens that reach to_q / to_k)
+    def compute(n: int) -> object:  # the last n positions (the tokens whose q and k are rotated)
         if isinstance(positions, int):  # implicit positions: a Grid, sliced from the position table at inference
             return pe(Grid((n,), offset=float(positions - n)))
         return pe(positions[..., -n:, None])  # integer positions: rows of the same table
@@ -91,12 +104,13 @@ def liere_x_transformers(
 ) -> PositionEncoding:
     """Put the 1D encoding ``encoding`` (a ``liere.build`` spec) into ``model``'s self-attention layers.
 
-    Returns the encoding, registered as ``attn_layers.liere_encoding``. Needs no x-transformers positional
-    embedding (``use_abs_pos_emb=False``, ``rotary_pos_emb=False``), no qk-norm, ``kv_heads == heads``, no
-    cross-attention or memory. Supports x-transformers' kv cache (``generate(cache_kv=True)``, ``cache=``, also
-    past ``max_seq_len``: positions stay absolute, see ``token_positions``),
-    ``seq_start_pos`` (left-padded prompts) and integer ``pos``. The adapted model deep-copies, pickles and
-    saves like any module (nothing per forward is stored on it).
+    Returns the encoding, registered as ``attn_layers.liere_encoding``, with one parameter set per layer and key/value
+    head (grouped kv heads, ``attn_kv_heads``: the query heads of a group share their key/value head's rotations).
+    Needs no x-transformers positional embedding (``use_abs_pos_emb=False``, ``rotary_pos_emb=False``), no
+    cross-attention, memory or latent kv; qk-norm (``attn_qk_norm``, ``attn_qk_rmsnorm``) acts before the rotations.
+    Supports x-transformers' kv cache (``generate(cache_kv=True)``, ``cache=``, also past ``max_seq_len``: positions
+    stay absolute, see ``token_positions``), ``seq_start_pos`` (left-padded prompts) and integer ``pos``.
+    The adapted model deep-copies, pickles and saves like any module (nothing per forward is stored on it).
     """
     layers = model.attn_layers if isinstance(model, TransformerWrapper) else model
     if isinstance(model, TransformerWrapper) and (not isinstance(model.pos_emb, always) or model.num_memory_tokens):
@@ -104,16 +118,15 @@ def liere_x_transformers(
     if not isinstance(layers, AttentionLayers) or layers.rotary_pos_emb is not None or layers.cross_attend:
         raise ValueError("model must be x-transformers self-attention layers built with rotary_pos_emb=False")
     attns = [m for m in layers.modules() if isinstance(m, Attention)]
-    for attn in attns:
-        if attn.qk_norm or attn.q_rmsnorm is not None or attn.kv_heads != attn.heads or attn.use_latent_kv:
-            raise ValueError("qk-norm, grouped kv heads and latent kv are not supported (they act after to_q/to_k)")
-    heads = attns[0].heads
+    if any(attn.use_latent_kv for attn in attns):
+        raise ValueError("latent kv is not supported (its decoupled rotary heads bypass the key heads)")
+    heads, kv_heads = attns[0].heads, attns[0].kv_heads
     head_dim = attns[0].to_q.out_features // heads
-    pe = build(encoding, head_dim=head_dim, num_axes=1, num_heads=heads, depth=len(attns), **options)
+    pe = build(encoding, head_dim=head_dim, num_axes=1, num_heads=kv_heads, depth=len(attns), **options)
     layers.liere_encoding = pe
     layers.register_forward_pre_hook(_open, with_kwargs=True)
     layers.register_forward_hook(_close, always_call=True)
     for layer, attn in enumerate(attns):
-        attn.to_q = RotatedLinear(attn.to_q, heads, layer)
-        attn.to_k = RotatedLinear(attn.to_k, heads, layer)
+        place(attn, "q_rmsnorm", HeadRotation(layer, heads // kv_heads))
+        place(attn, "k_rmsnorm", HeadRotation(layer))
     return pe
