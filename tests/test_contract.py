@@ -127,3 +127,17 @@ def test_contributing_example_is_one_file_plus_one_registry_line(monkeypatch: py
     from tests.test_meta import test_encoding_built_on_meta_resets_to_a_normal_build
 
     test_encoding_built_on_meta_resets_to_a_normal_build("learned-rope", 1)
+
+
+@pytest.mark.parametrize(("name", "axes"), CASES)
+def test_huge_coordinates_give_finite_rotations_or_one_error_naming_coords(name: str, axes: int) -> None:
+    pe, grid = build(name, axes)
+    coords = grid.coords()
+    limit = liere.coords.coordinate_limit(torch.float32)
+    for scale in (1e18, limit / coords.abs().max().item() * 0.99):  # up to the limit: every rotation finite
+        assert torch.isfinite(rotated(pe, coords * scale, queries(grid.num_positions))).all()
+    for huge in (coords * 3e38 / coords.abs().max(), coords * 1e20):
+        with pytest.raises(ValueError, match=r"^coords contain NaN or inf or \|coordinate\| > 1.84e\+19"):
+            pe(huge)
+    with pytest.raises(ValueError, match=r"^coords: the grid reaches \|coordinate\| = [0-9.]+e\+38, beyond 1.84e\+19"):
+        pe(Grid(grid.shape, spacing=1e38, offset=5e37))
