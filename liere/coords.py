@@ -174,8 +174,9 @@ def check_coords(coords: Tensor, num_axes: int) -> Tensor:
 
 
 def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progression | None:
-    """Raise if validated ``coords`` ``(S, n, axes)`` hold NaN, inf or a magnitude above ``coordinate_limit``; with ``detect_progression``, also return
-    ``(start, step)`` when they are shared 1D positions ``start + i * step`` (``n >= 2``), else None.
+    """Raise if validated ``coords`` ``(S, n, axes)`` hold NaN, inf or a magnitude above ``coordinate_limit``; with
+    ``detect_progression``, also return ``(start, step)`` when they are shared 1D positions ``start + i * step``
+    (``n >= 2``), else None.
 
     Reads the values on every call (one device sync for both answers; nothing is cached, so in-place edits are
     always seen). Under tracing (``is_tracing``) nothing is read: no check, no progression. Equality is up to a
