@@ -12,6 +12,7 @@ from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
 from liere.factory import EncodingInfo, available, build, encoding_info, register
+from liere.frozen import freeze, unfreeze
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
 from liere.rope_basis import RoPEBasis
@@ -39,9 +40,11 @@ __all__ = [
     "available",
     "build",
     "encoding_info",
+    "freeze",
     "grid_coords",
     "register",
     "rotary_attention",
     "skew_expm",
     "skew_expm_progression",
+    "unfreeze",
 ]

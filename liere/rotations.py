@@ -192,6 +192,37 @@ class Rotations:
             return self._replace(blocks=pad(self.blocks, torch.eye(self.block_size)))
         return self._replace(cos=pad(self.cos, one), sin=pad(self.sin, zero), basis=self.basis)
 
+    def take_positions(self, index: slice | Tensor) -> Rotations:
+        """The rotations of positions ``index`` of shared rotations (``S = 1``): a ``slice``, integer positions ``(n,)``
+        (shared) or ``(batch, n)`` (per sample). Position-independent parts (a basis) are kept."""
+
+        def take(t: Tensor) -> Tensor:  # (depth, 1, H, L, ...) -> (depth, 1 or batch, H, n, ...)
+            if isinstance(index, slice):
+                return t[:, :, :, index]
+            if index.dim() == 1:
+                return t.index_select(3, index)
+            return t[:, 0][:, :, index].movedim(2, 1)
+
+        if self.is_identity:
+            count = len(range(*index.indices(self.num_positions))) if isinstance(index, slice) else index.shape[-1]
+            return Rotations.identity(self.head_dim, count, self.depth)
+        if self.blocks is not None:
+            return Rotations(self.head_dim, blocks=take(self.blocks))
+        return Rotations(self.head_dim, cos=take(self.cos), sin=take(self.sin), basis=self.basis)
+
+    def cat_positions(self, other: Rotations) -> Rotations:
+        """These rotations' positions followed by ``other``'s (same layout; a basis is shared)."""
+        if self.is_identity:
+            return Rotations.identity(self.head_dim, self.num_positions + other.num_positions, self.depth)
+        if self.blocks is not None:
+            return Rotations(self.head_dim, blocks=torch.cat([self.blocks, other.blocks], dim=3))
+        cos, sin = (torch.cat([a, b], dim=3) for a, b in ((self.cos, other.cos), (self.sin, other.sin)))
+        return Rotations(self.head_dim, cos=cos, sin=sin, basis=self.basis)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by field name (``cos``, ``sin``, ``blocks``, ``basis``; none for the identity)."""
+        return {name: t for name in ("cos", "sin", "blocks", "basis") if (t := getattr(self, name)) is not None}
+
     def to_dense(self) -> Tensor:
         """Full matrices, shape ``(depth, S, H, n, head_dim, head_dim)`` (for tests and plots)."""
         if self.blocks is not None:
