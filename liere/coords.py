@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 Progression = tuple[float, float]  # (start, step) of 1D positions start + i * step, i = 0 .. n-1
 
@@ -176,7 +177,7 @@ def check_coords(coords: Tensor, num_axes: int) -> Tensor:
 def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progression | None:
     """Raise if validated ``coords`` ``(S, n, axes)`` hold NaN, inf or a magnitude above ``coordinate_limit``; with
     ``detect_progression``, also return ``(start, step)`` when they are shared 1D positions ``start + i * step``
-    (``n >= 2``), else None.
+    (``n >= 2``) that carry no derivatives (the powers path computes from the two numbers), else None.
 
     Reads the values on every call (one device sync for both answers; nothing is cached, so in-place edits are
     always seen). Under tracing (``is_tracing``) nothing is read: no check, no progression. Equality is up to a
@@ -190,7 +191,14 @@ def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progress
     else:  # int64 magnitudes stay below the fp32 limit
         finite = torch.ones((), dtype=torch.bool)
     progression = None
-    if detect_progression and coords.shape[0] == 1 and coords.shape[2] == 1 and coords.shape[1] >= 2:
+    derivatives = coords.requires_grad or forward_ad.unpack_dual(coords).tangent is not None
+    if (
+        detect_progression
+        and not derivatives
+        and coords.shape[0] == 1
+        and coords.shape[2] == 1
+        and coords.shape[1] >= 2
+    ):
         p = coords[0, :, 0].double()
         start, step = p[0], p[1] - p[0]
         ramp = start + step * torch.arange(p.shape[0], dtype=p.dtype, device=p.device)
