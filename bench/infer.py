@@ -7,7 +7,11 @@ mode timed round-robin (medians) so that machine noise hits them alike:
   ``liere.integrations.timm.liere_timm_vit`` at 224 px, batch 1 and 8; baseline ``axial-rope``. Cache modes:
   ``on`` (warm: the rotations come from the cache), ``cold`` (the cache cleared before every call: the first call's
   cost) and ``off`` (``liere.cache.rotation_cache_disabled``: what every call cost before the cache); ``cold`` and
-  ``off`` are timed in one round-robin run, so their times compare directly;
+  ``off`` are timed in one round-robin run, so their times compare directly. Serving modes, timed in a third
+  round-robin run: ``frozen`` (``freeze_rotations``: the rotations are constants) eager, the same
+  ``torch.compile``d, the unfrozen model ``torch.compile``d (the cache is bypassed under compile: every call
+  computes the rotations), and, where onnx/onnxscript/onnxruntime are installed, the frozen model exported with
+  ``torch.onnx.export(dynamo=True)`` and run in ONNX Runtime (``runtime`` says which: eager, compiled, onnxruntime);
 - **decoding**: tokens/s of kv-cached greedy decoding (``models.CharLM.generate``'s loop) on the benchmark char-LM
   (``size="char"``: 6 layers, width 512, 8 heads), 128-token prompt, 64 new tokens, batch 1, timed per token
   round-robin (``decoding_step_times``); baseline ``rope``; cache ``on``/``off``.
@@ -18,13 +22,16 @@ Rows print as they are measured. ``--size tiny`` shrinks both models to run in s
 
 from __future__ import annotations
 
+import copy
 import datetime
+import importlib.util
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from functools import partial
 
 import timm
 import torch
@@ -48,7 +55,15 @@ SIZES = {
         vocab=16,
     ),
 }
-VIT_COLUMNS = [("model", "model"), ("encoding", "encoding"), ("cache", "cache"), ("ms", "ms"), ("ratio", "ratio")]
+VIT_COLUMNS = [
+    ("model", "model"),
+    ("encoding", "encoding"),
+    ("cache", "cache"),
+    ("runtime", "runtime"),
+    ("ms", "ms"),
+    ("ratio", "ratio"),
+]
+SERVING = (("frozen", "eager"), ("frozen", "compiled"), ("off", "compiled"), ("frozen", "onnxruntime"))
 LM_COLUMNS = [("model", "model"), ("encoding", "encoding"), ("cache", "cache"), ("tok_s", "tok/s"), ("ratio", "ratio")]
 
 
@@ -79,16 +94,48 @@ def in_mode(fn: Callable[[], object], cache: str, encoding: torch.nn.Module) -> 
 
 
 def with_ratios(rows: list[dict], key: str, baseline: str) -> list[dict]:
-    """Set ``ratio`` of every row to its ``key`` over the baseline encoding's in the same cache mode."""
-    base = {r["cache"]: r[key] for r in rows if r["encoding"] == baseline}
+    """Set ``ratio`` of every row to its ``key`` over the baseline encoding's in the same cache mode and runtime."""
+    base = {(r["cache"], r.get("runtime")): r[key] for r in rows if r["encoding"] == baseline}
     for r in rows:
-        r["ratio"] = r[key] / base[r["cache"]]
+        r["ratio"] = r[key] / base[r["cache"], r.get("runtime")]
     return rows
 
 
-def bench_vit(size: str, batch: int, repeats: int, show: Callable[[list[dict]], None]) -> list[dict]:
-    """Forward times of every encoding in each cache mode at ``batch`` (one round-robin run per mode, each mode's
-    rows handed to ``show`` as soon as measured)."""
+def onnx_installed() -> bool:
+    """Whether ONNX export and ONNX Runtime are importable (onnx, onnxscript, onnxruntime)."""
+    return all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def onnxruntime_call(model: torch.nn.Module, images: torch.Tensor, threads: int) -> Callable[[], object]:
+    """``model`` exported with the dynamo exporter at ``images``' shape, as a call running it in ONNX Runtime."""
+    import onnxruntime
+
+    program = torch.onnx.export(model, (images,), dynamo=True, verbose=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(
+        program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: images.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def serving_calls(model: torch.nn.Module, images: torch.Tensor, threads: int) -> dict[tuple[str, str], Callable]:
+    """The ``SERVING`` variants of one eval model as calls on ``images`` (ONNX Runtime only where installed)."""
+    frozen = copy.deepcopy(model).freeze_rotations()
+    calls = {
+        ("frozen", "eager"): partial(frozen, images),
+        ("frozen", "compiled"): partial(torch.compile(frozen, dynamic=False), images),
+        ("off", "compiled"): partial(torch.compile(model, dynamic=False), images),
+    }
+    if onnx_installed():
+        calls["frozen", "onnxruntime"] = onnxruntime_call(frozen, images, threads)
+    return {mode: calls[mode] for mode in SERVING if mode in calls}
+
+
+def bench_vit(size: str, batch: int, repeats: int, show: Callable[[list[dict]], None], threads: int = 1) -> list[dict]:
+    """Forward times of every encoding in each cache mode, then in each serving mode, at ``batch`` (one
+    round-robin run per group of modes, each group's rows handed to ``show`` as soon as measured)."""
     device = torch.device("cpu")
     images = torch.randn(batch, 3, SIZES[size]["vit"]["img_size"], SIZES[size]["vit"]["img_size"])
     models = {spec: vit(spec, size) for spec in (VIT_BASELINE, *ENCODINGS)}
@@ -100,9 +147,23 @@ def bench_vit(size: str, batch: int, repeats: int, show: Callable[[list[dict]], 
         }
         with torch.inference_mode():
             ms = time_ms(fns, device, repeats)
-        measured = [dict(model=name, encoding=s, cache=c, ms=ms[f"{s}|{c}"]) for c in modes for s in models]
+        measured = [
+            dict(model=name, encoding=s, cache=c, runtime="eager", ms=ms[f"{s}|{c}"]) for c in modes for s in models
+        ]
         rows += with_ratios(measured, "ms", VIT_BASELINE)
         show(measured)
+    calls = {spec: serving_calls(m, images, threads) for spec, m in models.items()}  # freezing needs versions
+    with torch.inference_mode():
+        fns = {(mode, spec): call for spec in models for mode, call in calls[spec].items()}
+        ms = time_ms(dict(sorted(fns.items())), device, repeats)
+    measured = [
+        dict(model=name, encoding=spec, cache=cache, runtime=runtime, ms=ms[(cache, runtime), spec])
+        for (cache, runtime) in SERVING
+        for spec in models
+        if ((cache, runtime), spec) in ms
+    ]
+    rows += with_ratios(measured, "ms", VIT_BASELINE)
+    show(measured)
     return rows
 
 
@@ -177,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.skip != "vit":
         show = RowPrinter(VIT_COLUMNS)
         for batch in SIZES[args.size]["batches"]:
-            results["vit"] += bench_vit(args.size, batch, args.repeats, show)
+            results["vit"] += bench_vit(args.size, batch, args.repeats, show, args.threads)
     if args.skip != "decoding":
         print()
         results["decoding"] = bench_decoding(args.size, args.repeats, RowPrinter(LM_COLUMNS))

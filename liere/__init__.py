@@ -12,6 +12,7 @@ from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
 from liere.factory import EncodingInfo, available, build, encoding_info, register
+from liere.frozen import freeze, unfreeze
 from liere.lie import LieRE
 from liere.multimodal import multimodal_positions
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
@@ -41,6 +42,7 @@ __all__ = [
     "available",
     "build",
     "encoding_info",
+    "freeze",
     "grid_coords",
     "multimodal_positions",
     "register",
@@ -48,4 +50,5 @@ __all__ = [
     "scaled_frequencies",
     "skew_expm",
     "skew_expm_progression",
+    "unfreeze",
 ]

@@ -97,12 +97,28 @@ class _ChunkedExponentials(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, coords: Tensor, gens: Tensor, method: str, chunk: int) -> Tensor:
         ctx.save_for_backward(coords, gens)
+        ctx.save_for_forward(coords, gens)
         ctx.method, ctx.chunk = method, chunk
         depth, heads, _, nb, b, _ = gens.shape
         out = gens.new_empty(depth, coords.shape[0], heads, coords.shape[1], nb, b, b)
         for layer, sample, positions in _chunks(coords, gens, chunk):
             out[layer, sample, :, positions] = _piece(coords[sample, positions], gens[layer], method)
         return out
+
+    @staticmethod
+    def jvp(ctx: Any, coords_tangent: Tensor | None, gens_tangent: Tensor | None, *_: None) -> Tensor:
+        """Forward-mode AD of ``_direct`` at once, by reverse over reverse (forward AD cannot nest): the vector-Jacobian
+        product is linear in its vector ``u``, so its gradient w.r.t. ``u`` along the tangents is the JVP."""
+        saved = ctx.saved_tensors
+        tangents = [
+            torch.zeros_like(t) if d is None else d for t, d in zip(saved, (coords_tangent, gens_tangent), strict=True)
+        ]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in saved]
+            out = _direct(*inputs, ctx.method)
+            u = torch.zeros_like(out, requires_grad=True)
+            vjp = torch.autograd.grad(out, inputs, u, create_graph=True)
+            return torch.autograd.grad(vjp, u, tangents)[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:

@@ -9,8 +9,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 Progression = tuple[float, float]  # (start, step) of 1D positions start + i * step, i = 0 .. n-1
+
+
+def coordinate_limit(dtype: torch.dtype) -> float:
+    """Largest coordinate magnitude accepted for coordinates of ``dtype``: the square root of the largest number of
+    the dtype rotations are built in (at least fp32; ~1.8e19 there), so a coordinate times a frequency or generator
+    entry up to the same size cannot overflow to inf (and give NaN rotations)."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).max ** 0.5
 
 
 def _is_int(value: object) -> bool:
@@ -73,6 +81,8 @@ class Grid:
         ``conv_out.flatten(2)`` tokens): ``grid_coords(*shape, spacing=spacing) + offset``."""
         axes = []
         for n, step, start in zip(self.shape, self.spacing, self.offset, strict=True):
+            if all(isinstance(v, (int, float)) for v in (n, step, start)):
+                _check_extent(abs(start) + (n - 1) * abs(step), dtype)
             axis = torch.arange(n, device=device, dtype=dtype) * step
             axes.append(axis + start if start != 0 else axis)
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, self.num_axes)
@@ -84,6 +94,15 @@ class Grid:
         ):
             return None
         return self.offset[0], self.spacing[0]
+
+
+def _check_extent(extent: float, dtype: torch.dtype) -> None:
+    """Refuse grid coordinates reaching ``extent`` beyond ``coordinate_limit(dtype)`` (one line naming coords)."""
+    if extent > coordinate_limit(dtype):
+        raise ValueError(
+            f"coords: the grid reaches |coordinate| = {extent:.3g}, beyond {coordinate_limit(dtype):.3g} for {dtype} "
+            "(rotations would overflow); use a smaller spacing or offset"
+        )
 
 
 def grid_coords(
@@ -156,8 +175,9 @@ def check_coords(coords: Tensor, num_axes: int) -> Tensor:
 
 
 def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progression | None:
-    """Raise if validated ``coords`` ``(S, n, axes)`` hold NaN or inf; with ``detect_progression``, also return
-    ``(start, step)`` when they are shared 1D positions ``start + i * step`` (``n >= 2``), else None.
+    """Raise if validated ``coords`` ``(S, n, axes)`` hold NaN, inf or a magnitude above ``coordinate_limit``; with
+    ``detect_progression``, also return ``(start, step)`` when they are shared 1D positions ``start + i * step``
+    (``n >= 2``) that carry no derivatives (the powers path computes from the two numbers), else None.
 
     Reads the values on every call (one device sync for both answers; nothing is cached, so in-place edits are
     always seen). Under tracing (``is_tracing``) nothing is read: no check, no progression. Equality is up to a
@@ -165,9 +185,20 @@ def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progress
     """
     if is_tracing(coords):
         return None
-    finite = torch.isfinite(coords).all() if coords.is_floating_point() else torch.ones((), dtype=torch.bool)
+    if coords.is_floating_point():  # |p| <= coordinate_limit exactly when p * p is finite (in the build dtype)
+        wide = coords.to(torch.promote_types(coords.dtype, torch.float32))
+        finite = torch.isfinite(wide * wide).all()
+    else:  # int64 magnitudes stay below the fp32 limit
+        finite = torch.ones((), dtype=torch.bool)
     progression = None
-    if detect_progression and coords.shape[0] == 1 and coords.shape[2] == 1 and coords.shape[1] >= 2:
+    derivatives = coords.requires_grad or forward_ad.unpack_dual(coords).tangent is not None
+    if (
+        detect_progression
+        and not derivatives
+        and coords.shape[0] == 1
+        and coords.shape[2] == 1
+        and coords.shape[1] >= 2
+    ):
         p = coords[0, :, 0].double()
         start, step = p[0], p[1] - p[0]
         ramp = start + step * torch.arange(p.shape[0], dtype=p.dtype, device=p.device)
@@ -176,7 +207,10 @@ def inspect_coords(coords: Tensor, detect_progression: bool = False) -> Progress
         ok, start_, step_, evenly_ = torch.stack([finite.double(), start, step, evenly.double()]).tolist()
         finite, progression = ok, ((start_, step_) if evenly_ else None)
     if not bool(finite):
-        raise ValueError("coords contain NaN or inf; every coordinate must be finite")
+        raise ValueError(
+            f"coords contain NaN or inf or |coordinate| > {coordinate_limit(coords.dtype):.3g}; every coordinate must "
+            f"be finite and at most that large for {coords.dtype} (rotations would overflow)"
+        )
     return progression
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from liere.cache import CachedRotationsMixin, cache_repr, cached_rotations
-from liere.coords import Grid, Progression, resolve_coords
+from liere.coords import Grid, Progression, is_tracing, resolve_coords
+from liere.frozen import describe, frozen_rotations, frozen_state, refreeze, restamp
 from liere.fx import is_symbolic_tracing, traced_rotations
 from liere.precision import build_dtype, building
 from liere.rotations import Rotations
@@ -117,6 +118,10 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
         if is_symbolic_tracing():  # torch.fx: this call as one node (liere.fx)
             return traced_rotations(self, coords, num_prefix_tokens)
+        if frozen_state(self) is not None:  # liere.freeze: constants
+            return frozen_rotations(self, coords, num_prefix_tokens)
+        if not self.training and not is_tracing(coords):  # what liere.freeze(model) freezes at by default
+            self.__dict__["_last_eval_coords"] = coords
         return cached_rotations(self, coords, num_prefix_tokens)
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
@@ -172,6 +177,12 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args)
         forgive_missing_settings(prefix, missing_keys)
+        refreeze(self)  # frozen rotations follow the loaded weights (liere.frozen)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickling and ``deepcopy``: a frozen encoding's copy stays frozen (``liere.frozen``)."""
+        super().__setstate__(state)
+        restamp(self)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
@@ -202,17 +213,20 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
 
     def extra_repr(self) -> str:
         fields = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name)]
-        held = self.cache_nbytes
-        return ", ".join(fields + ([cache_repr(held)] if held else []))
+        held, frozen = self.cache_nbytes, frozen_state(self)
+        fields += [cache_repr(held)] if held else []
+        return ", ".join(fields + ([f"frozen={describe(frozen.coords)}"] if frozen else []))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PositionEncoding:
-        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype."""
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype; frozen
+        rotations are computed again where (and as) the moved encoding computes them."""
         kept = {name: getattr(self, name) for name in self.fp32_buffers}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:  # a cast: keep the exact values, follow the device only
                 self._buffers[name] = before.to(device=after.device)
+        refreeze(self)
         return self
 
 

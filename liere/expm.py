@@ -231,7 +231,7 @@ def _squaring_range(s: Tensor) -> tuple[int, int]:
     """
     if torch.compiler.is_compiling():
         torch._assert_async(
-            s.amax() <= COMPILED_SQUARINGS,
+            s.amax(0) <= COMPILED_SQUARINGS,  # a full-tensor amax (no dim) has no ONNX translation
             "skew_expm under torch.compile: a matrix needs more than liere.expm.COMPILED_SQUARINGS squarings "
             "(spectral norm above ~1.6 * 2^COMPILED_SQUARINGS, or non-finite entries); raise it before compiling",
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -110,6 +112,8 @@ def split_specs(text: str) -> list[str]:
 
 
 def _parse_value(text: str) -> object:
+    if text.lower() == "none":
+        return None
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
@@ -130,8 +134,42 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"spec {spec!r}: options must look like key=value, got {item!r}")
+        if key.strip() in options:
+            raise ValueError(f"spec {spec!r}: option {key.strip()!r} is given twice")
         options[key.strip()] = _parse_value(value.strip())
     return name.strip().lower(), options
+
+
+def _option_types(builder: Builder) -> dict[str, object]:
+    """Annotated parameter types of ``builder`` (a function or class), following ``forwards_to`` for ``**options``."""
+    target = builder.__init__ if isinstance(builder, type) else builder
+    hints = typing.get_type_hints(target)
+    forwarded = getattr(builder, "forwards_to", None)
+    return (_option_types(forwarded) | hints) if forwarded is not None else hints
+
+
+def _accepts(value: object, annotation: object) -> bool:
+    """Whether ``value`` has the type ``annotation`` (plain types and unions of them; an int passes for a float)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_accepts(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # a generic annotation (e.g. Sequence[int]): left to the builder
+
+
+def _check_options(spec: str, builder: Builder, options: dict[str, object]) -> None:
+    """Refuse an option whose value does not have the builder's annotated type (one line naming it)."""
+    hints = _option_types(builder)
+    for key, value in options.items():
+        if key in hints and not _accepts(value, hints[key]):
+            expected = getattr(hints[key], "__name__", None) or str(hints[key])
+            raise TypeError(f"encoding {spec!r}: option {key}={value!r} must be of type {expected}")
 
 
 def build(
@@ -160,8 +198,15 @@ def build(
         )
         accepted = inspect.signature(builder).parameters
         kwargs = {k: v for k, v in common.items() if k in accepted}
-        kwargs |= {k: int(v) if v.isdigit() else v for k, v in match.groupdict().items() if v is not None}
-        kwargs |= spec_options | options
+        named = {k: int(v) if v.isdigit() else v for k, v in match.groupdict().items() if v is not None}
+        if clash := sorted(set(named) & set(spec_options)):
+            key = clash[0]
+            raise ValueError(
+                f"encoding {spec!r}: option {key}={spec_options[key]!r} conflicts with {key}={named[key]!r} "
+                f"given by the name {name!r}; give it once"
+            )
+        kwargs |= named | spec_options | options
+        _check_options(spec, builder, spec_options | options)
         try:
             return builder(**kwargs)
         except TypeError as err:
@@ -175,10 +220,16 @@ def _rope(head_dim: int, num_axes: int, **options: object) -> PositionEncoding:
     return RoPE(head_dim, **options)
 
 
+_rope.forwards_to = RoPE  # type: ignore[attr-defined]
+
+
 def _abs(dim: int, grid_shape: Sequence[int] | None, num_axes: int, head_dim: int, **options: object):
     if grid_shape is None or len(grid_shape) != num_axes:
         raise ValueError(f"'abs' needs grid_shape with num_axes={num_axes} sizes (the trained grid), got {grid_shape}")
     return LearnedAbsolute(dim, grid_shape, head_dim, **options)
+
+
+_abs.forwards_to = LearnedAbsolute  # type: ignore[attr-defined]
 
 
 register("none", help="no position information", compare=("none",))(NoPE)

@@ -58,3 +58,16 @@ def block_diag(blocks: Tensor, size: int, fill_identity: bool) -> Tensor:
     if fill_identity:
         out[..., rot_dim:, rot_dim:] = torch.eye(size - rot_dim, dtype=blocks.dtype, device=blocks.device)
     return out
+
+
+def solve_unpivoted(A: Tensor, B: Tensor) -> Tensor:
+    """``X = A^-1 B`` for ``A`` ``(..., n, n)``, ``B`` ``(..., n, k)`` by Gauss-Jordan elimination without pivoting,
+    in plain tensor ops (``n`` unrolled steps): exportable where ``torch.linalg.solve`` is not (ONNX has no solve).
+    Stable for ``A`` whose symmetric part is positive definite, such as ``I + S`` with skew ``S``."""
+    n = A.shape[-1]
+    M = torch.cat([A, B], dim=-1)
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    for k in range(n):
+        pivot_row = M[..., k : k + 1, :] / M[..., k : k + 1, k : k + 1]
+        M = M - (M[..., :, k : k + 1] - eye[:, k : k + 1]) * pivot_row  # row k becomes pivot_row, others lose col k
+    return M[..., n:]

@@ -11,15 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from liere.encoding import LearnedEncoding, PositionEncoding
-from liere.linalg import block_diag, num_skew_params, skew_from_params
+from liere.linalg import block_diag, num_skew_params, skew_from_params, solve_unpivoted
 from liere.rope import initial_mixed_frequencies, mixed_width
 from liere.rotations import Rotations
 
 
 def cayley(S: Tensor) -> Tensor:
-    """Cayley transform ``(I - S)(I + S)^-1 = (I + S)^-1 (I - S)`` of skew ``S`` ``(..., r, r)``: orthogonal."""
+    """Cayley transform ``(I - S)(I + S)^-1 = (I + S)^-1 (I - S)`` of skew ``S`` ``(..., r, r)``: orthogonal.
+    Under ``torch.export`` (and so ONNX export) the solve is unrolled elimination (``solve_unpivoted``)."""
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    return torch.linalg.solve(eye + S, eye - S)
+    solve = solve_unpivoted if torch.compiler.is_exporting() else torch.linalg.solve
+    return solve(eye + S, eye - S)
 
 
 def pair_generators(freqs: Tensor) -> Tensor:

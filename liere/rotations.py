@@ -192,6 +192,37 @@ class Rotations:
             return self._replace(blocks=pad(self.blocks, torch.eye(self.block_size)))
         return self._replace(cos=pad(self.cos, one), sin=pad(self.sin, zero), basis=self.basis)
 
+    def take_positions(self, index: slice | Tensor) -> Rotations:
+        """The rotations of positions ``index`` of shared rotations (``S = 1``): a ``slice``, integer positions ``(n,)``
+        (shared) or ``(batch, n)`` (per sample). Position-independent parts (a basis) are kept."""
+
+        def take(t: Tensor) -> Tensor:  # (depth, 1, H, L, ...) -> (depth, 1 or batch, H, n, ...)
+            if isinstance(index, slice):
+                return t[:, :, :, index]
+            if index.dim() == 1:
+                return t.index_select(3, index)
+            return t[:, 0][:, :, index].movedim(2, 1)
+
+        if self.is_identity:
+            count = len(range(*index.indices(self.num_positions))) if isinstance(index, slice) else index.shape[-1]
+            return Rotations.identity(self.head_dim, count, self.depth)
+        if self.blocks is not None:
+            return Rotations(self.head_dim, blocks=take(self.blocks))
+        return Rotations(self.head_dim, cos=take(self.cos), sin=take(self.sin), basis=self.basis)
+
+    def cat_positions(self, other: Rotations) -> Rotations:
+        """These rotations' positions followed by ``other``'s (same layout; a basis is shared)."""
+        if self.is_identity:
+            return Rotations.identity(self.head_dim, self.num_positions + other.num_positions, self.depth)
+        if self.blocks is not None:
+            return Rotations(self.head_dim, blocks=torch.cat([self.blocks, other.blocks], dim=3))
+        cos, sin = (torch.cat([a, b], dim=3) for a, b in ((self.cos, other.cos), (self.sin, other.sin)))
+        return Rotations(self.head_dim, cos=cos, sin=sin, basis=self.basis)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by field name (``cos``, ``sin``, ``blocks``, ``basis``; none for the identity)."""
+        return {name: t for name in ("cos", "sin", "blocks", "basis") if (t := getattr(self, name)) is not None}
+
     def to_dense(self) -> Tensor:
         """Full matrices, shape ``(depth, S, H, n, head_dim, head_dim)`` (for tests and plots)."""
         if self.blocks is not None:
@@ -274,7 +305,8 @@ class Rotations:
         # batch ride along the matrix columns: the rotations are never copied per sample.
         mat_idx = ("z" if s != 1 else "") + ("h" if h != 1 else "") + "nicd"  # s = 0: an empty batch
         mats = mats.reshape(*([s] if s != 1 else []), *([h] if h != 1 else []), *mats.shape[2:])
-        return _BlockRotate.apply(mats.to(dtype), xb.to(dtype), mat_idx).flatten(-2)
+        rotate = _BlockRotate if torch.compiler.is_compiling() else _BlockRotateWithJvp
+        return rotate.apply(mats.to(dtype), xb.to(dtype), mat_idx).flatten(-2)
 
 
 class _BlockRotate(torch.autograd.Function):
@@ -283,8 +315,8 @@ class _BlockRotate(torch.autograd.Function):
     Plain einsum saves the permuted copy of ``x`` it hands to bmm: one more q-sized and k-sized tensor per
     layer than RoPE keeps (about 9% of a ViT-S step's saved activations). ``x`` (a view of the qkv
     projection, which attention keeps anyway) costs nothing extra. Runs in the dtype it is given. The backward
-    is made of differentiable einsums (double backward) and the forward has a generated ``vmap`` rule
-    (``torch.func`` transforms).
+    is made of differentiable einsums (double backward), the forward has a generated ``vmap`` rule
+    (``torch.func`` transforms); ``_BlockRotateWithJvp`` adds forward-mode AD.
     """
 
     generate_vmap_rule = True
@@ -307,3 +339,20 @@ class _BlockRotate(torch.autograd.Function):
             grad_mats = torch.einsum(f"zhnic,zhnid->{ctx.mat_idx}", grad, x) if ctx.needs_input_grad[0] else None
             grad_x = torch.einsum(f"{ctx.mat_idx},zhnic->zhnid", mats, grad) if ctx.needs_input_grad[1] else None
         return grad_mats, grad_x, None
+
+
+class _BlockRotateWithJvp(_BlockRotate):
+    """``_BlockRotate`` with forward-mode AD (``jvp``); eager only: Dynamo cannot trace a custom ``jvp``."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, str], output: Tensor) -> None:
+        _BlockRotate.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:2])
+
+    @staticmethod
+    def jvp(ctx: Any, mats_tangent: Tensor | None, x_tangent: Tensor | None, _: None) -> Tensor:
+        """Forward-mode AD of the bilinear product: ``dmats @ x + mats @ dx``."""
+        mats, x = ctx.saved_tensors
+        terms = [(m, v) for m, v in ((mats_tangent, x), (mats, x_tangent)) if m is not None and v is not None]
+        with torch.autocast(x.device.type, enabled=False):
+            return sum(torch.einsum(f"{ctx.mat_idx},zhnid->zhnic", m, v) for m, v in terms)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import liere
 from liere import Grid, PositionEncoding
 from liere.encoding import check_positive_int
 from models.blocks import (
@@ -104,6 +105,12 @@ class CharLM(nn.Module):
         init_weights(self, self.weight_init, [(self.token_embed, "weight")])
         if self.tie_embeddings:
             self.head.weight = self.token_embed.weight
+
+    def freeze_rotations(self, length: int | None = None) -> CharLM:
+        """Freeze the rotations of positions ``0 .. length-1`` (default ``context``) as a table (``liere.freeze``):
+        every forward and cached decoding step inside it reads rows of the table."""
+        length = self.context if length is None else check_positive_int(length, "length")
+        return liere.freeze(self, Grid((length,)))
 
     def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``; position t sees tokens 0..t.

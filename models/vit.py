@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+import liere
 from liere import Grid, PositionEncoding
 from liere.fx import is_symbolic_tracing
 from models.blocks import Transformer, check_heads, check_weight_init, init_weights, reset_submodules, resolve_encoding
@@ -120,6 +121,10 @@ class ViT(nn.Module):
         ``to_empty``'d (also after FSDP's ``fully_shard``). A ready ``PositionEncoding`` passed in is reset too."""
         reset_submodules(self)
         init_weights(self, self.weight_init, self._normal_init())
+
+    def freeze_rotations(self) -> ViT:
+        """Freeze the encoding's rotations at the image size (``liere.freeze``): for compiled or exported serving."""
+        return liere.freeze(self, self.grid(self.train_grid))
 
     def _grid(self, spatial: tuple[int, ...], name: str) -> tuple[int, ...]:
         """Patch grid of a spatial size, checking each axis is divisible by the patch size."""

@@ -64,6 +64,31 @@ def test_factory_keyword_options_override_spec_and_rope_is_1d() -> None:
         liere.build("rope", head_dim=16, num_axes=2)
 
 
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        ("liere8:init=normal,init=rope", ValueError, "option 'init' is given twice"),
+        ("liere8:block_size=16", ValueError, "option block_size=16 conflicts with block_size=8 given by the name"),
+        ("comrope-ap8:variant=ld", ValueError, "option variant='ld' conflicts with variant='ap'"),
+        ("liere8:seed=abc", TypeError, "option seed='abc' must be of type int \\| None"),
+        ("liere8:recompute=1", TypeError, "option recompute=1 must be of type bool \\| None"),
+        ("liere8:init=3", TypeError, "option init=3 must be of type str"),
+        ("rope-mixed:theta=high", TypeError, "option theta='high' must be of type float \\| None"),
+        ("rope:theta=abc", TypeError, "option theta='abc' must be of type float"),  # through the 1D builder
+        ("abs:init_std=x", TypeError, "option init_std='x' must be of type float"),
+    ],
+)
+def test_spec_options_refused_when_repeated_conflicting_or_mistyped(spec: str, error: type, message: str) -> None:
+    num_axes = 1 if spec.startswith("rope:") else 2
+    with pytest.raises(error, match=message):
+        liere.build(spec, head_dim=32, num_axes=num_axes, dim=64, grid_shape=(4, 4))
+
+
+def test_spec_options_typed_values_pass() -> None:
+    pe = liere.build("liere:block_size=16,theta=3,seed=none,recompute=false", head_dim=32, num_axes=2)
+    assert (pe.block_size, pe.theta, pe.seed, pe.recompute) == (16, 3, None, False)
+
+
 def test_spec_lists_split_only_where_a_new_spec_begins() -> None:
     split = liere.factory.split_specs
     assert split("axial-rope,liere8:init=uniform,rot_dim=16") == ["axial-rope", "liere8:init=uniform,rot_dim=16"]

@@ -166,6 +166,7 @@ def test_matrix_exp_products_follow_its_degree_choice() -> None:
 CACHES = ("on", "cold", "off")
 
 
+@pytest.mark.slow  # compiles and exports every tiny model
 def test_infer_bench_rows_and_json(tmp_path) -> None:
     path = tmp_path / "infer.json"
     results = infer_bench.main(["--size", "tiny", "--repeats", "1", "--json", str(path)])
@@ -174,7 +175,11 @@ def test_infer_bench_rows_and_json(tmp_path) -> None:
     encodings = [infer_bench.VIT_BASELINE, *infer_bench.ENCODINGS]
     vit = results["vit"]
     batches = infer_bench.SIZES["tiny"]["batches"]
-    assert [(r["encoding"], r["cache"]) for r in vit] == [(e, c) for _ in batches for c in CACHES for e in encodings]
+    serving = [mode for mode in infer_bench.SERVING if mode[1] != "onnxruntime" or infer_bench.onnx_installed()]
+    modes = [(c, "eager") for c in CACHES] + serving
+    assert [(r["encoding"], r["cache"], r["runtime"]) for r in vit] == [
+        (e, c, runtime) for _ in batches for c, runtime in modes for e in encodings
+    ]
     assert_times(vit, ("ms", "ratio"))
     lm = results["decoding"]
     lm_encodings = [infer_bench.LM_BASELINE, *infer_bench.ENCODINGS]

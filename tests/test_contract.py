@@ -127,3 +127,69 @@ def test_contributing_example_is_one_file_plus_one_registry_line(monkeypatch: py
     from tests.test_meta import test_encoding_built_on_meta_resets_to_a_normal_build
 
     test_encoding_built_on_meta_resets_to_a_normal_build("learned-rope", 1)
+
+
+@pytest.mark.parametrize(("name", "axes"), CASES)
+def test_huge_coordinates_give_finite_rotations_or_one_error_naming_coords(name: str, axes: int) -> None:
+    pe, grid = build(name, axes)
+    coords = grid.coords()
+    limit = liere.coords.coordinate_limit(torch.float32)
+    for scale in (1e18, limit / coords.abs().max().item() * 0.99):  # up to the limit: every rotation finite
+        assert torch.isfinite(rotated(pe, coords * scale, queries(grid.num_positions))).all()
+    for huge in (coords * 3e38 / coords.abs().max(), coords * 1e20):
+        with pytest.raises(ValueError, match=r"^coords contain NaN or inf or \|coordinate\| > 1.84e\+19"):
+            pe(huge)
+    with pytest.raises(ValueError, match=r"^coords: the grid reaches \|coordinate\| = [0-9.]+e\+38, beyond 1.84e\+19"):
+        pe(Grid(grid.shape, spacing=1e38, offset=5e37))
+
+
+def _central_difference(f, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    eps = 1e-6
+    plus = f(*(p + eps * t for p, t in zip(primals, tangents, strict=True)))
+    minus = f(*(p - eps * t for p, t in zip(primals, tangents, strict=True)))
+    return (plus - minus) / (2 * eps)
+
+
+@pytest.mark.parametrize(("name", "axes"), CASES)
+def test_forward_mode_ad_matches_finite_differences_in_float64(name: str, axes: int) -> None:
+    """``torch.func.jvp`` and autograd's dual tensors w.r.t. coordinates and parameters; ``jacfwd`` and ``hessian``."""
+    import torch.autograd.forward_ad as fwAD
+
+    pe, grid = build(name, axes)
+    pe = pe.double()
+    coords = grid.coords(dtype=torch.float64)
+    x = queries(grid.num_positions, torch.float64)
+    params = {k: v.detach() for k, v in pe.named_parameters()}
+    gen = torch.Generator().manual_seed(2)
+    tangents = tuple(torch.randn(v.shape, generator=gen, dtype=v.dtype) for v in (coords, *params.values()))
+
+    def f(c: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        rot = torch.func.functional_call(pe, dict(zip(params, values, strict=True)), (c,), {"num_prefix_tokens": 1})
+        return rot.for_layer(DEPTH - 1).apply(x[:, :, : 1 + c.shape[0]])
+
+    primals = (coords, *params.values())
+    expected = _central_difference(f, primals, tangents)
+    torch.testing.assert_close(torch.func.jvp(f, primals, tangents)[1], expected, atol=1e-6, rtol=1e-6)
+    with fwAD.dual_level():
+        dual = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
+        tangent = fwAD.unpack_dual(dual).tangent  # None: the output does not depend on them (additive encodings)
+        torch.testing.assert_close(
+            torch.zeros_like(dual) if tangent is None else tangent, expected, atol=1e-6, rtol=1e-6
+        )
+
+    few, t = coords[:2], tangents[0][:2]  # jacfwd and hessian w.r.t. the coordinates of two positions
+
+    def energy(c: torch.Tensor) -> torch.Tensor:
+        return f(c, *params.values()).square().sum()
+
+    jacobian = torch.func.jacfwd(lambda c: f(c, *params.values()))(few)
+    torch.testing.assert_close(
+        (jacobian * t).sum((-2, -1)),
+        _central_difference(f, (few, *params.values()), (t, *(torch.zeros_like(v) for v in params.values()))),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+    hessian = torch.func.hessian(energy)(few).flatten(0, 1).flatten(1)
+    torch.testing.assert_close(hessian, hessian.T, atol=1e-6, rtol=1e-6)
+    along = _central_difference(torch.func.grad(energy), (few,), (t,)).flatten()
+    torch.testing.assert_close(hessian @ t.flatten(), along, atol=1e-5, rtol=1e-5)

@@ -195,3 +195,14 @@ def test_char_lm_trains_through_grids() -> None:
     tokens = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(0))
     F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     assert (model.encoding.generators.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("spec", ["liere8", "comrope-ld8"])
+def test_evenly_spaced_1d_coords_requiring_grad_get_their_gradient(spec: str) -> None:
+    pe = liere.build(spec, head_dim=16, num_axes=1, seed=0).double()
+    x = torch.randn(1, 1, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    coords = grid_coords(6, dtype=torch.float64).requires_grad_()  # evenly spaced: the powers path reads no tensor
+    pe(coords).apply(x).square().sum().backward()
+    expected = torch.func.grad(lambda c: pe(c).apply(x).square().sum())(coords.detach())  # plain autograd path
+    assert coords.grad is not None
+    torch.testing.assert_close(coords.grad, expected, atol=1e-10, rtol=1e-10)

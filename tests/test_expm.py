@@ -197,3 +197,13 @@ def test_huge_norms_compiled(monkeypatch):
     # past COMPILED_SQUARINGS the compiled call raises instead of returning NaN or a wrong rotation
     with pytest.raises(RuntimeError, match="COMPILED_SQUARINGS"):
         compiled(random_skew(4, 8, [1.0, 1.0, 1.0, 1e9]), "taylor_cans")
+
+
+@pytest.mark.parametrize("b", [3, 24, 64])
+def test_unpivoted_solve_equals_lapack_for_cayley_systems(b: int) -> None:
+    from liere.linalg import solve_unpivoted
+
+    S = random_skew(4, b, [0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
+    eye = torch.eye(b, dtype=S.dtype)
+    expected = torch.linalg.solve(eye + S, eye - S)
+    torch.testing.assert_close(solve_unpivoted(eye + S, eye - S), expected, atol=1e-12, rtol=0)

@@ -35,7 +35,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from liere import Grid, Rotations, rotary_attention
+from liere import Grid, Rotations, freeze, rotary_attention
 from liere.factory import build, parse_spec
 from liere.fx import is_symbolic_tracing
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
@@ -174,6 +174,14 @@ class RotaryVisionTransformer(VisionTransformer):
         if self.training and any(a is not None for a in augment):
             return augment_coords(placed if isinstance(placed, Tensor) else placed.coords(device), *augment)
         return placed
+
+    def freeze_rotations(self) -> RotaryVisionTransformer:
+        """Freeze the encoding's rotations at the image size (``liere.freeze``), in eval mode: for compiled or
+        exported serving."""
+        if self.training:
+            raise RuntimeError("freeze_rotations: call model.eval() first (training mode augments the coordinates)")
+        device = next(self.parameters()).device
+        return freeze(self, self.patch_coords(tuple(self.patch_embed.grid_size), device))
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         """Prefix tokens (+ timm's ``pos_embed`` if kept), any absolute liere embedding; this call's rotations.
