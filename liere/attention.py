@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Proxy
 
-from liere.fx import call_leaf, rotations_node
+from liere.fx import call_leaf
 from liere.precision import apply_dtype
 from liere.rotations import Rotations
 
@@ -21,7 +21,7 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
     a dense b=64 ViT-S/16 reads its 230 MB of cached rotations once per forward instead of twice.
     """
     if isinstance(q, Proxy):  # torch.fx symbolic tracing: this call as one node
-        return call_leaf(q.tracer, rotary_attention, q, k, v, rotations_node(rot, q.tracer), **sdpa_kwargs)
+        return call_leaf(q.tracer, rotary_attention, q, k, v, rot.node(q.tracer), **sdpa_kwargs)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if rot.kind != "blocks":

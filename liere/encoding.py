@@ -121,8 +121,8 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         if frozen_state(self) is not None:  # liere.freeze: constants
             return frozen_rotations(self, coords, num_prefix_tokens)
         if not self.training and not is_tracing(coords):  # what liere.freeze(model) freezes at by default
-            self.__dict__["_last_eval_coords"] = coords
-        return cached_rotations(self, coords, num_prefix_tokens)
+            self.__dict__["_last_eval_coords"] = coords.detach() if isinstance(coords, Tensor) else coords
+        return cached_rotations(self, coords, num_prefix_tokens, self.build_rotations)  # liere.cache
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
         """``forward`` without the cache: validate ``coords`` and compute the rotations."""

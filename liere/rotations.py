@@ -237,6 +237,12 @@ class Rotations:
             blocks = (Q @ block_diag(blocks, self.rot_dim, fill_identity=True) @ Q.transpose(-1, -2)).unsqueeze(-3)
         return block_diag(blocks, self.head_dim, fill_identity=True)
 
+    def node(self, tracer: Any) -> torch.fx.Proxy:
+        """Under ``torch.fx`` symbolic tracing: a node yielding these rotations at run time, rebuilt from their tensors
+        (constants of the graph). Encodings' own rotations are traced as calls instead (``liere.fx``)."""
+        stored = self.tensors() or {"shape": self._lead}
+        return tracer.create_proxy("call_function", rotations_from, (self.head_dim, stored), {})
+
     # ----------------------------------------------------------------- application
     def apply(self, x: Tensor) -> Tensor:
         """Rotate ``x`` of shape ``(batch, heads, n, head_dim)``: ``out[b, h, i] = R(p_i) x[b, h, i]``.
@@ -245,9 +251,7 @@ class Rotations:
         Under ``torch.fx`` symbolic tracing (``x`` a ``Proxy``) this call is recorded as one node (``liere.fx``).
         """
         if isinstance(x, torch.fx.Proxy):
-            from liere.fx import rotations_node
-
-            return x if self.is_identity else rotations_node(self, x.tracer).apply(x)
+            return x if self.is_identity else self.node(x.tracer).apply(x)
         self.check_input(x)
         if self.is_identity:
             return x
@@ -338,3 +342,8 @@ class _BlockRotate(torch.autograd.Function):
             grad_mats = torch.einsum(f"zhnic,zhnid->{ctx.mat_idx}", grad, x) if ctx.needs_input_grad[0] else None
             grad_x = torch.einsum(f"{ctx.mat_idx},zhnic->zhnid", mats, grad) if ctx.needs_input_grad[1] else None
         return grad_mats, grad_x, None
+
+
+def rotations_from(head_dim: int, tensors: dict[str, Any]) -> Rotations:
+    """``Rotations(head_dim, **tensors)``: the run time of ``Rotations.node``."""
+    return Rotations(head_dim, **tensors)
