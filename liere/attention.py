@@ -17,8 +17,8 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
 
     ``rot`` holds one layer's rotations (depth 1); ``sdpa_kwargs`` (``attn_mask``, ``is_causal``,
     ``dropout_p``, ``scale``) go to ``torch.nn.functional.scaled_dot_product_attention``. Output has v's shape.
-    Without gradients (inference), shared block rotations rotate q and k in one pass over the matrices: at batch 1
-    a dense b=64 ViT-S/16 reads its 230 MB of cached rotations once per forward instead of twice.
+    Without gradients (inference), shared block rotations rotate q and k in one pass over the matrices: the
+    rotations are read once per forward instead of twice.
     """
     if isinstance(q, Proxy):  # torch.fx symbolic tracing: this call as one node
         return call_leaf(q.tracer, rotary_attention, q, k, v, rot.node(q.tracer), **sdpa_kwargs)

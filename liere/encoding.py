@@ -58,7 +58,7 @@ def resolve_rot_dim(head_dim: int, rot_dim: int | None, multiple: int, why: str)
         raise ValueError(f"rot_dim={rot} exceeds head_dim={head_dim}")
     if rot % multiple:
         name = "head_dim" if rot_dim is None else "rot_dim"
-        raise ValueError(f"{name}={rot} must be divisible by {multiple} ({why})")
+        raise ValueError(f"{name}={rot} must be divisible by {multiple}" + (f" ({why})" if why else ""))
     return rot
 
 
@@ -101,7 +101,7 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
     stored_settings: ClassVar[tuple[str, ...]] = ("head_dim", "num_axes")  # saved and checked (liere.settings)
 
-    def __init__(self, head_dim: int, num_axes: int, depth: int = 1) -> None:
+    def __init__(self, *, head_dim: int, num_axes: int, depth: int = 1) -> None:
         super().__init__()
         self.head_dim = check_positive_int(head_dim, "head_dim")
         self.num_axes = check_positive_int(num_axes, "num_axes")
@@ -231,32 +231,44 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
 
 
 class LearnedEncoding(PositionEncoding):
-    """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``).
+    """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``), and
+    their shared constructor.
 
-    Validates and stores ``num_heads``, the rotated width ``rot_dim`` (a multiple of ``multiple``) and the
-    frequency base ``theta`` (``default_theta`` when None; it only sets initial values) and the initialisation
-    ``seed`` (None: the global RNG); ``init_generator`` turns it into a generator.
+    Validates and stores ``num_axes`` (``default_num_axes`` when None), ``num_heads``, the rotated width ``rot_dim``
+    (``head_dim`` when None; a multiple of what ``rot_dim_multiple`` says), the frequency base ``theta``
+    (``default_theta`` when None; it only sets initial values) and the initialisation ``seed`` (None: the global
+    RNG; ``init_generator`` turns it into a generator); then ``add_parameters()`` creates the (empty) tensors and
+    ``reset_parameters()`` fills them from ``initial_state()``.
     """
 
     stored_settings = (*PositionEncoding.stored_settings, "num_heads", "depth", "rot_dim")
+    default_num_axes: ClassVar[int] = 2
 
     def __init__(
         self,
         head_dim: int,
-        num_axes: int,
-        num_heads: int,
-        depth: int,
-        rot_dim: int | None,
-        multiple: int,
-        why: str,
-        theta: float | None,
+        num_axes: int | None = None,
+        num_heads: int = 1,
+        depth: int = 1,
+        theta: float | None = None,
+        rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
+        num_axes = self.default_num_axes if num_axes is None else num_axes
+        super().__init__(head_dim=head_dim, num_axes=num_axes, depth=depth)
         self.seed = seed
         self.num_heads = check_positive_int(num_heads, "num_heads")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, multiple, why)
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, *self.rot_dim_multiple())
         self.theta = default_theta(num_axes) if theta is None else check_positive_float(theta, "theta")
+        self.add_parameters()
+        self.reset_parameters()
+
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set."""
+        return 1, ""
+
+    def add_parameters(self) -> None:
+        """Create the parameters and buffers (``torch.empty``: ``reset_parameters`` fills them)."""
 
     @staticmethod
     def init_generator(seed: int | None) -> torch.Generator | None:

@@ -91,7 +91,7 @@ class RoPE(PositionEncoding):
         theta_rescale_factor: float = 1.0,
         cache_len: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes=1)
+        super().__init__(head_dim=head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
         self.theta = ntk_theta(check_positive_float(theta, "theta"), self.rot_dim, theta_rescale_factor)
         self.offset, self.interpolate_factor = check_position_map(offset, interpolate_factor)
@@ -147,7 +147,7 @@ class AxialRoPE(PositionEncoding):
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta")
 
     def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
-        super().__init__(head_dim, num_axes)
+        super().__init__(head_dim=head_dim, num_axes=num_axes)
         if rot_dim is None:
             rot_dim = head_dim - head_dim % (2 * num_axes)
             if rot_dim == 0:
@@ -172,20 +172,11 @@ class RoPEMixed(LearnedEncoding):
     Equals LieRE with block size 2.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        num_axes: int = 2,
-        num_heads: int = 1,
-        depth: int = 1,
-        theta: float | None = None,
-        rot_dim: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        multiple, why = mixed_width(num_axes, "RoPE-Mixed")
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, multiple, why, theta, seed)
-        self.freqs = nn.Parameter(torch.empty(depth, num_heads, num_axes, self.rot_dim // 2))
-        self.reset_parameters()
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        return mixed_width(self.num_axes, "RoPE-Mixed")
+
+    def add_parameters(self) -> None:
+        self.freqs = nn.Parameter(torch.empty(self.depth, self.num_heads, self.num_axes, self.rot_dim // 2))
 
     def initial_state(self) -> dict[str, Tensor]:
         return {"freqs": initial_mixed_frequencies(self)}

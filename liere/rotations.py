@@ -302,7 +302,7 @@ class Rotations:
         dtype = apply_dtype(x.dtype, mats.dtype, x.device.type, matmul=True)  # what einsum would use
         grad = torch.is_grad_enabled() and (mats.requires_grad or x.requires_grad)
         if not grad and x.shape[2] == 1 and x.shape[0] <= 2 and s == 1 and h == x.shape[1]:  # a decoding step:
-            # one position of q and k, no backward: one plain bmm with the samples along the matrix columns, ~3x less
+            # one position of q and k, no backward: one plain bmm with the samples along the matrix columns, less
             # overhead than einsum (slower for many positions); in ``dtype`` already, autocast leaves it alone
             return (mats[0].to(dtype) @ xb.movedim(0, -1).to(dtype)).movedim(-1, 0).flatten(-2)
         # Squeeze the shared sample/head dims so that einsum batches over (heads, n, nb) and lets the
@@ -316,7 +316,7 @@ class _BlockRotate(torch.autograd.Function):
     """``out[z, h, n, i] = mats[.., n, i] @ x[z, h, n, i]`` that saves ``x`` itself for the backward.
 
     Plain einsum saves the permuted copy of ``x`` it hands to bmm: one more q-sized and k-sized tensor per
-    layer than RoPE keeps (about 9% of a ViT-S step's saved activations). ``x`` (a view of the qkv
+    layer than RoPE keeps. ``x`` (a view of the qkv
     projection, which attention keeps anyway) costs nothing extra. Runs in the dtype it is given. The backward
     is made of differentiable einsums (double backward) and the forward has a generated ``vmap`` rule
     (``torch.func`` transforms).
