@@ -69,6 +69,33 @@ def check_block_size(block_size: object) -> int:
     return block_size
 
 
+def fixed_at_construction(name: str) -> property:
+    """An attribute set once by the constructor; assigning it later raises (what it sets was computed from it)."""
+    key = "_" + name
+
+    def get(self: nn.Module) -> object:
+        return self.__dict__[key] if key in self.__dict__ else self.__dict__[name]  # modules pickled before
+
+    def set_once(self: nn.Module, value: object) -> None:
+        if key in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is fixed at construction (what it sets is computed then); "
+                f"build a new {type(self).__name__} with {name}={value!r}"
+            )
+        self.__dict__[key] = value
+
+    return property(get, set_once, doc=f"``{name}``, fixed at construction.")
+
+
+def copy_initial(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)`` for a plain tensor or a sharded ``DTensor`` (each rank keeps its own shard)."""
+    if type(target).__name__ == "DTensor":
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
+
+
 def default_theta(num_axes: int) -> float:
     """10000 for 1D token indices (RoPE), 10 for 2D/3D patch grids (rope-vit's RoPE-Mixed)."""
     return 10000.0 if num_axes == 1 else 10.0
@@ -209,7 +236,19 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
             )
         with torch.no_grad():
             for name, value in values.items():
-                own[name].copy_(value)
+                copy_initial(own[name], value)
+
+    def _fill_derived(self, names: list[str]) -> None:
+        """Compute the derived (non-persistent) buffers ``names`` from ``initial_state()``, drawing no random number
+        from the global RNG: buffers made real by ``to_empty`` are right without ``reset_parameters()`` (a checkpoint
+        load does not hold them)."""
+        if not names:
+            return
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            values = self.initial_state()
+        with torch.no_grad():
+            for name in names:
+                copy_initial(self._buffers[name], values[name])
 
     def extra_repr(self) -> str:
         fields = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name)]
@@ -221,7 +260,9 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype; frozen
         rotations are computed again where (and as) the moved encoding computes them."""
         kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        derived = [name for name in self._non_persistent_buffers_set if getattr(self._buffers.get(name), "is_meta", 0)]
         super()._apply(fn, recurse)
+        self._fill_derived([name for name in derived if not self._buffers[name].is_meta])
         for name, before in kept.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:  # a cast: keep the exact values, follow the device only

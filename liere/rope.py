@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from liere.coords import Progression
-from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, check_positive_int, resolve_rot_dim
+from liere.encoding import (
+    LearnedEncoding,
+    PositionEncoding,
+    check_positive_float,
+    check_positive_int,
+    fixed_at_construction,
+    resolve_rot_dim,
+)
 from liere.linalg import block_diag, skew_from_params
 from liere.rotations import Rotations
 
@@ -79,6 +86,7 @@ class RoPE(PositionEncoding):
     fp32_buffers = ("freqs", "cache_cos", "cache_sin")
     uses_progression = True
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta", "offset", "interpolate_factor")
+    theta, offset, interpolate_factor = map(fixed_at_construction, ("theta", "offset", "interpolate_factor"))
 
     def __init__(
         self,
@@ -145,6 +153,7 @@ class AxialRoPE(PositionEncoding):
 
     fp32_buffers = ("freqs",)
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta")
+    theta = fixed_at_construction("theta")
 
     def __init__(self, head_dim: int, num_axes: int = 2, theta: float = 100.0, rot_dim: int | None = None) -> None:
         super().__init__(head_dim=head_dim, num_axes=num_axes)
