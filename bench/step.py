@@ -76,7 +76,7 @@ class ReferenceLieRE(PositionEncoding):
     ``torch.linalg.matrix_exp`` every forward."""
 
     def __init__(self, head_dim: int, num_axes: int, num_heads: int, depth: int) -> None:
-        super().__init__(head_dim, num_axes, depth)
+        super().__init__(head_dim=head_dim, num_axes=num_axes, depth=depth)
         shape = (depth, num_heads, num_axes, num_skew_params(head_dim))
         self.generators = nn.Parameter(torch.rand(shape) * 2 * torch.pi)
 

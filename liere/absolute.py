@@ -46,7 +46,7 @@ class LearnedAbsolute(PositionEncoding):
         grid_shape = tuple(grid_shape) if isinstance(grid_shape, Sequence) else ()
         if not grid_shape or not all(isinstance(s, int) and s >= 1 for s in grid_shape) or len(grid_shape) > 3:
             raise ValueError(f"grid_shape must be 1 to 3 positive ints, got {grid_shape!r}")
-        super().__init__(head_dim, num_axes=len(grid_shape))
+        super().__init__(head_dim=head_dim, num_axes=len(grid_shape))
         self.dim = check_positive_int(dim, "dim")
         self.grid_shape, self.init_std = grid_shape, init_std
         self.table = nn.Parameter(torch.empty(1, dim, *grid_shape))
@@ -92,7 +92,7 @@ class SinCosAbsolute(PositionEncoding):
     stored_settings = (*PositionEncoding.stored_settings, "dim", "temperature")
 
     def __init__(self, dim: int, num_axes: int, head_dim: int, temperature: float = 10000.0) -> None:
-        super().__init__(head_dim, num_axes)
+        super().__init__(head_dim=head_dim, num_axes=num_axes)
         self.dim = check_positive_int(dim, "dim")
         if dim % (2 * num_axes):
             raise ValueError(f"dim={dim} must be divisible by 2 * num_axes = {2 * num_axes} for sin-cos embeddings")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Proxy
 
-from liere.fx import call_leaf, rotations_node
+from liere.fx import call_leaf
 from liere.precision import apply_dtype
 from liere.rotations import Rotations
 
@@ -63,7 +63,7 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor, rot: Rotations, **sdpa_kwa
     Without gradients (inference), shared block rotations rotate q and k in one pass over the matrices.
     """
     if isinstance(q, Proxy):  # torch.fx symbolic tracing: this call as one node
-        return call_leaf(q.tracer, rotary_attention, q, k, v, rotations_node(rot, q.tracer), **sdpa_kwargs)
+        return call_leaf(q.tracer, rotary_attention, q, k, v, rot.node(q.tracer), **sdpa_kwargs)
     check_shapes(q, k, v, rot)
     group = q.shape[1] // k.shape[1]
     if group > 1 and rot._lead[2] == q.shape[1]:  # rotations per query head: every query head needs its own keys

@@ -22,8 +22,7 @@ CHUNK_ELEMENTS = 2**19
 
 def resolve_recompute(recompute: bool | None, block_size: int) -> bool:
     """``recompute``, or for None: True from ``RECOMPUTE_FROM_BLOCK_SIZE`` up (the exponential's ~20
-    intermediates per matrix grow with the block size: +27% of a ViT-S step's saved activations at b=64, +3% at
-    b=8; BENCHMARKS.md)."""
+    intermediates per matrix grow with the block size; BENCHMARKS.md measures the memory)."""
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool or None, got {recompute!r}")
     return block_size >= RECOMPUTE_FROM_BLOCK_SIZE if recompute is None else recompute

@@ -1,31 +1,33 @@
-"""Rotations computed once at inference: the cache behind every encoding's ``forward`` (``PositionEncoding``).
+"""Rotations computed once in eager inference: the optional layer around ``PositionEncoding.build_rotations``.
 
-Rotations depend only on the coordinates and the encoding's weights. When no gradient can flow through them (grad
-disabled, ``torch.inference_mode``, or an encoding with no trainable parameter) and the module is not training with
-grad enabled, ``forward`` keeps what it computed in a small per-encoding cache and hands it out again:
+When no gradient can flow through the rotations (grad disabled, ``torch.inference_mode``, or an encoding with no
+trainable parameter, not training, given coordinates that do not require grad), ``forward`` keeps what it computed
+in a small per-encoding cache and hands it out again:
 
-- **entries** (a least-recently-used list of ``cache_size`` entries, default ``DEFAULT_CACHE_SIZE``), keyed on the
-  coordinates (a ``Grid`` by value; a tensor by its values, compared on every call), ``num_prefix_tokens`` and
-  whether inference mode is on;
-- **a position table** for 1D encodings: the rotations of token positions ``0 .. L-1`` computed at once (the powers
-  path, ``skew_expm_progression``, for LieRE), from which every integer 1D position is sliced: a ``Grid`` of spacing
-  1 at an integer offset >= 0, or an integer coordinates tensor (x-transformers' ``pos=``). The table grows (to
-  twice its length, appended, earlier rows never change) when a request ends within ``2 max(L, n, MIN_TABLE / 2)``;
-  a request further out is computed directly. So cached decoding steps read a row instead of computing an
-  exponential, and a position gets the same rotation bit for bit whichever path asked for it.
+- **entries** (least recently used dropped first; ``cache_size`` of them, default ``DEFAULT_CACHE_SIZE``), keyed on
+  the coordinates, ``num_prefix_tokens`` and whether inference mode is on. A ``Grid`` is compared by value. A tensor
+  hits when it is the same tensor, not modified since (its version counter); on the CPU also when its values equal
+  the cached ones (on an accelerator that comparison would wait for the device, so a new tensor there is a miss);
+- **a position table** for 1D encodings: the rotations of positions ``0 .. L-1`` computed at once (the powers path,
+  ``skew_expm_progression``, for LieRE), from which every integer 1D position is sliced: a ``Grid`` of spacing 1 at
+  an integer offset >= 0, or an integer coordinates tensor (x-transformers' ``pos=``; its range is read, one device
+  sync). The table grows (to twice its length, appended, earlier rows never change) when a request ends within
+  ``2 max(L, n, MIN_TABLE / 2)``; a request further out is computed directly. So cached decoding steps read a row,
+  and a position gets the same rotation bit for bit whichever path asked for it.
 
-Everything is dropped whenever a result could differ: the cache holds a copy of the encoding's parameters and buffers
-and compares them on every call (so ``p.data.copy_``, ``p.data = ...``, optimizer steps and ``load_state_dict`` all
-miss), plus their dtypes and devices and the modules' plain attributes (``training``, ``theta``, ...). A cached entry
-whose tensors a caller modified in place (their version counter moved) is recomputed. Under ``torch.compile``,
-``torch.export``, ``torch.jit.trace`` and fx tracing the cache is bypassed: the traced graph computes the rotations
-from the parameters (an export of an eval model holds that computation, not constants). The cache is not part of
-the state dict, and copies (``deepcopy``, pickling, ``torch.save`` of the module) start empty. A lock makes it safe
-to share an encoding between threads.
+Staleness is checked on every call without reading any tensor's values (no device sync): everything is dropped when
+the encoding's **stamp** changed: for the encoding and its submodules (parametrizations...), the training flag and
+every public attribute (``theta``, a patched ``rotations`` method...), and of every parameter, buffer and tensor
+attribute its identity, version counter, storage pointer, dtype, device and shape. So optimizer steps, in-place
+edits, ``p.data = ...``, ``load_state_dict``, ``.to(...)`` and swapped tensors all miss. Writes through ``p.data``
+(``p.data.copy_(...)``) move no version counter, as autograd does not see them: call ``pe.clear_cache()`` after
+them. A cached entry whose tensors a caller modified in place is recomputed.
 
-Turn it off per encoding with ``pe.cache_size = 0``, everywhere with ``set_rotation_cache(False)`` (or ``with
-rotation_cache_disabled():``); free it with ``pe.clear_cache()``; ``pe.cache_nbytes`` is its size. See
-docs/inference.md.
+Under ``torch.compile``, ``torch.export``, ``torch.jit.trace`` and fx tracing the cache is bypassed (the graph
+computes the rotations; ``liere.freeze`` makes them constants there). The cache is not part of the state dict, and
+copies (``deepcopy``, pickling, ``torch.save`` of the module) start empty. A lock makes it safe to share an encoding
+between threads. Turn it off per encoding with ``pe.cache_size = 0``, everywhere with ``set_rotation_cache(False)``
+(or ``with rotation_cache_disabled():``); free it with ``pe.clear_cache()``; ``pe.cache_nbytes`` is its size.
 """
 
 from __future__ import annotations
@@ -33,26 +35,22 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from liere.coords import Grid, check_coords, is_tracing
-from liere.fx import is_symbolic_tracing
 from liere.rotations import Rotations
-
-if TYPE_CHECKING:
-    from liere.encoding import PositionEncoding
 
 DEFAULT_CACHE_SIZE = 2  # entries per encoding (a position table counts as one)
 MIN_TABLE = 256  # a position table may start with (or grow to) this many positions whatever the request's size
 _ENABLED = [True]
 _CREATE_LOCK = threading.Lock()
 PLAIN = (bool, int, float, str, tuple, type(None))
+Build = Callable[[Tensor | Grid, int], Rotations]  # (coords, num_prefix_tokens) -> rotations: the uncached path
 
 
 def set_rotation_cache(enabled: bool) -> bool:
@@ -73,62 +71,85 @@ def rotation_cache_disabled() -> Iterator[None]:
         set_rotation_cache(previous)
 
 
-def rotation_tensors(rot: Rotations) -> list[Tensor]:
-    """The tensors a ``Rotations`` stores."""
-    return [t for t in (rot.cos, rot.sin, rot.basis, rot.blocks) if t is not None]
+def version(t: Tensor) -> int | None:
+    """``t``'s version counter (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
 
 
-def nbytes(rot: Rotations) -> int:
-    return sum(t.numel() * t.element_size() for t in rotation_tensors(rot))
+class Same:
+    """Compares equal to a ``Same`` of the very same object (a stamp part for values without a plain ``==``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Same) and other.value is self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def tensor_stamp(t: Tensor) -> tuple:
+    return (Same(t), version(t), t.data_ptr(), t.dtype, t.device, t.shape)
+
+
+def stamp(module: nn.Module) -> tuple:
+    """What ``module``'s rotations depend on besides the coordinates, read without touching any tensor's values."""
+    parts: list[object] = []
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            if name in ("_parameters", "_buffers"):
+                parts += [(key, tensor_stamp(t)) for key, t in value.items() if t is not None]
+            elif name == "training" or not name.startswith("_"):
+                if isinstance(value, Tensor):
+                    parts.append((name, tensor_stamp(value)))
+                else:
+                    parts.append((name, value if isinstance(value, PLAIN) else Same(value)))
+    return tuple(parts)
 
 
 def versions(rot: Rotations) -> tuple[int | None, ...]:
-    """Version counters of the stored tensors (None for inference tensors, which have none)."""
-    return tuple(None if t.is_inference() else t._version for t in rotation_tensors(rot))
+    """Version counters of the stored tensors."""
+    return tuple(version(t) for t in rot.tensors().values())
 
 
-def take_positions(rot: Rotations, index: slice | Tensor) -> Rotations:
-    """Rotations of positions ``index`` of shared rotations ``rot`` (``S = 1``): a ``slice``, integer positions
-    ``(n,)`` (shared) or ``(batch, n)`` (per sample). Position-independent parts (a basis) are kept."""
-
-    def take(t: Tensor) -> Tensor:  # (depth, 1, H, L, ...) -> (depth, 1 or batch, H, n, ...)
-        if isinstance(index, slice):
-            return t[:, :, :, index]
-        if index.dim() == 1:
-            return t.index_select(3, index)
-        return t[:, 0][:, :, index].movedim(2, 1)
-
-    if rot.is_identity:
-        count = len(range(*index.indices(rot.num_positions))) if isinstance(index, slice) else index.shape[-1]
-        return Rotations.identity(rot.head_dim, count, rot.depth)
-    if rot.blocks is not None:
-        return Rotations(rot.head_dim, blocks=take(rot.blocks))
-    return Rotations(rot.head_dim, cos=take(rot.cos), sin=take(rot.sin), basis=rot.basis)
+def nbytes(rot: Rotations) -> int:
+    return sum(t.numel() * t.element_size() for t in rot.tensors().values())
 
 
-def cat_positions(first: Rotations, second: Rotations) -> Rotations:
-    """Rotations of ``first``'s positions followed by ``second``'s (same layout; a basis is shared)."""
-    if first.is_identity:
-        return Rotations.identity(first.head_dim, first.num_positions + second.num_positions, first.depth)
-    if first.blocks is not None:
-        return Rotations(first.head_dim, blocks=torch.cat([first.blocks, second.blocks], dim=3))
-    cos, sin = (torch.cat([a, b], dim=3) for a, b in ((first.cos, second.cos), (first.sin, second.sin)))
-    return Rotations(first.head_dim, cos=cos, sin=sin, basis=first.basis)
+class CoordsKey:
+    """A coordinates tensor as a cache key: the tensor and its version, plus a copy of its values on the CPU."""
+
+    def __init__(self, coords: Tensor) -> None:
+        self.tensor, self.version = coords, version(coords)
+        self.values = coords.detach().clone() if coords.device.type == "cpu" else None
+
+    def matches(self, coords: Tensor) -> bool:
+        if coords is self.tensor and self.version is not None and version(coords) == self.version:
+            return True
+        held = self.values
+        return (
+            held is not None and held.shape == coords.shape and held.dtype == coords.dtype and torch.equal(held, coords)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.values is None else self.values.numel() * self.values.element_size()
 
 
 class RotationCache:
     """One encoding's cached rotations (see the module docstring); ``max_entries = 0`` disables it.
 
-    Holds a snapshot of the encoding's tensors and settings (``sync``), and an LRU of entries: key -> (coordinates
-    tensor or None, rotations, their version counters). Copies and pickles start empty.
+    Holds the encoding's ``stamp`` and an LRU of entries: key -> (coordinates key or None, rotations, their version
+    counters). Copies and pickles start empty.
     """
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
         self.max_entries = max_entries
         self.lock = threading.RLock()
-        self.entries: OrderedDict[tuple, tuple[Tensor | None, Rotations, tuple]] = OrderedDict()
-        self.settings: tuple | None = None
-        self.snapshot: list[Tensor] = []
+        self.entries: OrderedDict[tuple, tuple[CoordsKey | None, Rotations, tuple]] = OrderedDict()
+        self.stamp: tuple | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"max_entries": self.max_entries}
@@ -141,48 +162,39 @@ class RotationCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cached rotations and coordinates (the parameter snapshot not counted)."""
+        """Bytes held by the cached rotations and coordinates."""
         with self.lock:
-            held = [(coords, rot) for coords, rot, _ in self.entries.values()]
-        coords_bytes = sum(c.numel() * c.element_size() for c, _ in held if c is not None)
-        return coords_bytes + sum(nbytes(rot) for _, rot in held)
+            held = list(self.entries.values())
+        return sum((0 if key is None else key.nbytes) + nbytes(rot) for key, rot, _ in held)
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
-            self.settings, self.snapshot = None, []
+            self.stamp = None
 
     def sync(self, module: nn.Module) -> None:
-        """Drop every entry if ``module``'s tensors or settings differ from the snapshot (then take a new one)."""
-        tensors = [t.detach() for t in chain(module.parameters(), module.buffers())]
-        plain = tuple(
-            tuple((k, v) for k, v in vars(m).items() if isinstance(v, PLAIN) and not k.startswith("_"))
-            for m in module.modules()
-        )
-        settings = (plain, tuple((t.dtype, t.device, t.shape) for t in tensors))
-        if settings == self.settings and all(torch.equal(a, b) for a, b in zip(self.snapshot, tensors, strict=True)):
-            return
-        self.entries.clear()
-        self.settings, self.snapshot = settings, [t.clone() for t in tensors]
+        """Drop every entry if ``module``'s stamp changed since the last call."""
+        now = stamp(module)
+        if now != self.stamp:
+            self.entries.clear()
+            self.stamp = now
 
     def get(self, key: tuple, coords: Tensor | None = None) -> Rotations | None:
-        """The entry under ``key`` (with coordinates equal to ``coords`` for a tensor key), else None."""
+        """The entry under ``key`` (for coordinates matching ``coords`` for a tensor key), else None."""
         entry = self.entries.get(key)
         if entry is None:
             return None
-        stored, rot, stamp = entry
-        if versions(rot) != stamp:  # modified in place by a caller: recompute
+        held, rot, stamp_ = entry
+        if versions(rot) != stamp_:  # modified in place by a caller: recompute
             del self.entries[key]
             return None
-        if coords is not None and not (
-            stored.shape == coords.shape and stored.dtype == coords.dtype and torch.equal(stored, coords)
-        ):
+        if coords is not None and not held.matches(coords):
             return None
         self.entries.move_to_end(key)
         return rot
 
     def put(self, key: tuple, rot: Rotations, coords: Tensor | None = None) -> None:
-        self.entries[key] = (coords, rot, versions(rot))
+        self.entries[key] = (None if coords is None else CoordsKey(coords), rot, versions(rot))
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
@@ -199,19 +211,23 @@ def rotation_cache(module: nn.Module) -> RotationCache:
 
 def cache_applies(module: nn.Module, coords: object) -> bool:
     """Whether ``forward`` may use the cache now: enabled, not tracing, and no gradient can flow through the result
-    (grad disabled, or no trainable parameter and the module not training)."""
-    if not _ENABLED[0] or is_tracing(coords) or is_symbolic_tracing():
+    (grad disabled, or no trainable parameter, coordinates that do not require grad and the module not training)."""
+    if not _ENABLED[0] or is_tracing(coords):
         return False
-    if torch.is_grad_enabled() and (module.training or any(p.requires_grad for p in module.parameters())):
+    if torch.is_grad_enabled() and (
+        module.training
+        or (isinstance(coords, Tensor) and coords.requires_grad)
+        or any(p.requires_grad for p in module.parameters())
+    ):
         return False
     return rotation_cache(module).max_entries > 0
 
 
-def integer_positions(pe: PositionEncoding, coords: Tensor | Grid) -> tuple[slice | Tensor, int] | None:
+def integer_positions(num_axes: int, coords: Tensor | Grid) -> tuple[slice | Tensor, int] | None:
     """1D integer positions >= 0 as a table index (a slice, or an index tensor ``(n,)`` / ``(batch, n)``) and the
     table length they need; None for anything else (float tensors, other spacings, negative positions). Reads the
-    positions' range (one device sync)."""
-    if pe.num_axes != 1:
+    range of a tensor's positions (one device sync)."""
+    if num_axes != 1:
         return None
     if isinstance(coords, Grid):
         if coords.num_axes != 1:
@@ -231,32 +247,36 @@ def integer_positions(pe: PositionEncoding, coords: Tensor | Grid) -> tuple[slic
     return (index[0] if shared else index), high + 1
 
 
-def table_rotations(pe: PositionEncoding, length: int, table: Rotations | None) -> Rotations:
+def table_rotations(build: Build, length: int, table: Rotations | None) -> Rotations:
     """The rotations of positions ``0 .. length-1``: ``table``'s rows, then newly computed ones (powers path)."""
-    fresh = pe.build_rotations(Grid((length,)))
+    fresh = build(Grid((length,)), 0)
     if table is None:
         return fresh
-    return cat_positions(table, take_positions(fresh, slice(table.num_positions, length)))
+    return table.cat_positions(fresh.take_positions(slice(table.num_positions, length)))
 
 
-def cached_rotations(pe: PositionEncoding, coords: Tensor | Grid, num_prefix_tokens: int) -> Rotations:
-    """``pe(coords, num_prefix_tokens)`` through the cache when it applies (see the module docstring)."""
+def uncached_rotations(pe: nn.Module, coords: Tensor | Grid, num_prefix_tokens: int, build: Build) -> Rotations:
+    """``build(coords, num_prefix_tokens)``, except that integer position tensors take the table's rows (so they
+    equal the implicit positions' rotations bit for bit)."""
+    held = pe.__dict__.get("_rotation_cache")
+    if held is not None and held.entries and pe.training and torch.is_grad_enabled() and not is_tracing(coords):
+        held.clear()  # training resumed (after an evaluation): the entries are stale, free their memory now
+    request = None if is_tracing(coords) or isinstance(coords, Grid) else integer_positions(pe.num_axes, coords)
+    if request is None or request[1] > max(2 * request[0].numel(), MIN_TABLE):  # sparse positions: one rotation each
+        return build(coords, num_prefix_tokens)
+    index, length = request
+    return table_rotations(build, length, None).take_positions(index).with_prefix(num_prefix_tokens)
+
+
+def cached_rotations(pe: nn.Module, coords: Tensor | Grid, num_prefix_tokens: int, build: Build) -> Rotations:
+    """``build(coords, num_prefix_tokens)`` through ``pe``'s cache when it applies (see the module docstring)."""
     if not cache_applies(pe, coords):
-        held = pe.__dict__.get("_rotation_cache")
-        if held is not None and held.entries and pe.training and torch.is_grad_enabled() and not is_tracing(coords):
-            held.clear()  # training resumed (after an evaluation): the entries are stale, free their memory now
-        request = None if is_tracing(coords) else integer_positions(pe, coords)
-        if request is None or isinstance(request[0], slice):  # a Grid: its own powers are the table's rows
-            return pe.build_rotations(coords, num_prefix_tokens)
-        index, length = request
-        if length > max(2 * index.numel(), MIN_TABLE):  # sparse positions: one rotation each is cheaper
-            return pe.build_rotations(coords, num_prefix_tokens)
-        return take_positions(table_rotations(pe, length, None), index).with_prefix(num_prefix_tokens)
+        return uncached_rotations(pe, coords, num_prefix_tokens, build)
     cache = rotation_cache(pe)
     with cache.lock:
         cache.sync(pe)
         inference = torch.is_inference_mode_enabled()
-        request = integer_positions(pe, coords)
+        request = integer_positions(pe.num_axes, coords)
         if request is not None:
             index, length = request
             key = ("table", inference)
@@ -265,17 +285,17 @@ def cached_rotations(pe: PositionEncoding, coords: Tensor | Grid, num_prefix_tok
             needed = index.numel() if isinstance(index, Tensor) else index.stop - index.start
             if length <= max(2 * have, 2 * needed, MIN_TABLE):
                 if length > have:
-                    table = table_rotations(pe, max(length, 2 * have), table)
+                    table = table_rotations(build, max(length, 2 * have), table)
                     cache.put(key, table)
-                return take_positions(table, index).with_prefix(num_prefix_tokens)
+                return table.take_positions(index).with_prefix(num_prefix_tokens)
         if isinstance(coords, Grid):
-            key, stored = ("grid", coords, num_prefix_tokens, inference), None
+            key, held = ("grid", coords, num_prefix_tokens, inference), None
         else:
-            key, stored = ("tensor", num_prefix_tokens, inference), coords.detach()
-        rot = cache.get(key, stored)
+            key, held = ("tensor", num_prefix_tokens, inference), coords
+        rot = cache.get(key, held)
         if rot is None:
-            rot = pe.build_rotations(coords, num_prefix_tokens)
-            cache.put(key, rot, None if stored is None else stored.clone())
+            rot = build(coords, num_prefix_tokens)
+            cache.put(key, rot, held)
         return copy.copy(rot)
 
 

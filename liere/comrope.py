@@ -55,17 +55,28 @@ class ComRoPE(LearnedEncoding):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant, self.block_size, self.method = variant, check_block_size(block_size), method
         self.recompute = resolve_recompute(recompute, block_size)
-        why = f"block_size={block_size}"
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta, seed)
-        num_blocks = self.rot_dim // block_size
-        if variant == "ap" and num_blocks < num_axes:
-            raise ValueError(f"variant 'ap' needs at least num_axes={num_axes} blocks, got {num_blocks}")
-        self.blocks = nn.Parameter(torch.empty(depth, num_heads, num_blocks, num_skew_params(block_size)))
-        if variant == "ld":
-            self.scales = nn.Parameter(torch.empty(depth, num_heads, num_axes, num_blocks))
+        super().__init__(
+            head_dim=head_dim,
+            num_axes=num_axes,
+            num_heads=num_heads,
+            depth=depth,
+            theta=theta,
+            rot_dim=rot_dim,
+            seed=seed,
+        )
+
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        return self.block_size, f"block_size={self.block_size}"
+
+    def add_parameters(self) -> None:
+        num_blocks, lead = self.rot_dim // self.block_size, (self.depth, self.num_heads)
+        if self.variant == "ap" and num_blocks < self.num_axes:
+            raise ValueError(f"variant 'ap' needs at least num_axes={self.num_axes} blocks, got {num_blocks}")
+        self.blocks = nn.Parameter(torch.empty(*lead, num_blocks, num_skew_params(self.block_size)))
+        if self.variant == "ld":
+            self.scales = nn.Parameter(torch.empty(*lead, self.num_axes, num_blocks))
         else:
             self.register_buffer("axis_of_block", torch.empty(num_blocks, dtype=torch.long), persistent=False)
-        self.reset_parameters()
 
     def initial_state(self) -> dict[str, Tensor]:
         b, num_blocks = self.block_size, self.rot_dim // self.block_size

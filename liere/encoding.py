@@ -58,7 +58,7 @@ def resolve_rot_dim(head_dim: int, rot_dim: int | None, multiple: int, why: str)
         raise ValueError(f"rot_dim={rot} exceeds head_dim={head_dim}")
     if rot % multiple:
         name = "head_dim" if rot_dim is None else "rot_dim"
-        raise ValueError(f"{name}={rot} must be divisible by {multiple} ({why})")
+        raise ValueError(f"{name}={rot} must be divisible by {multiple}" + (f" ({why})" if why else ""))
     return rot
 
 
@@ -67,6 +67,33 @@ def check_block_size(block_size: object) -> int:
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
         raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
     return block_size
+
+
+def fixed_at_construction(name: str) -> property:
+    """An attribute set once by the constructor; assigning it later raises (what it sets was computed from it)."""
+    key = "_" + name
+
+    def get(self: nn.Module) -> object:
+        return self.__dict__[key] if key in self.__dict__ else self.__dict__[name]  # modules pickled before
+
+    def set_once(self: nn.Module, value: object) -> None:
+        if key in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is fixed at construction (what it sets is computed then); "
+                f"build a new {type(self).__name__} with {name}={value!r}"
+            )
+        self.__dict__[key] = value
+
+    return property(get, set_once, doc=f"``{name}``, fixed at construction.")
+
+
+def copy_initial(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)`` for a plain tensor or a sharded ``DTensor`` (each rank keeps its own shard)."""
+    if type(target).__name__ == "DTensor":
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 def default_theta(num_axes: int) -> float:
@@ -101,7 +128,7 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
     stored_settings: ClassVar[tuple[str, ...]] = ("head_dim", "num_axes")  # saved and checked (liere.settings)
 
-    def __init__(self, head_dim: int, num_axes: int, depth: int = 1) -> None:
+    def __init__(self, *, head_dim: int, num_axes: int, depth: int = 1) -> None:
         super().__init__()
         self.head_dim = check_positive_int(head_dim, "head_dim")
         self.num_axes = check_positive_int(num_axes, "num_axes")
@@ -121,8 +148,8 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         if frozen_state(self) is not None:  # liere.freeze: constants
             return frozen_rotations(self, coords, num_prefix_tokens)
         if not self.training and not is_tracing(coords):  # what liere.freeze(model) freezes at by default
-            self.__dict__["_last_eval_coords"] = coords
-        return cached_rotations(self, coords, num_prefix_tokens)
+            self.__dict__["_last_eval_coords"] = coords.detach() if isinstance(coords, Tensor) else coords
+        return cached_rotations(self, coords, num_prefix_tokens, self.build_rotations)  # liere.cache
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
         """``forward`` without the cache: validate ``coords`` and compute the rotations."""
@@ -209,7 +236,19 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
             )
         with torch.no_grad():
             for name, value in values.items():
-                own[name].copy_(value)
+                copy_initial(own[name], value)
+
+    def _fill_derived(self, names: list[str]) -> None:
+        """Compute the derived (non-persistent) buffers ``names`` from ``initial_state()``, drawing no random number
+        from the global RNG: buffers made real by ``to_empty`` are right without ``reset_parameters()`` (a checkpoint
+        load does not hold them)."""
+        if not names:
+            return
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            values = self.initial_state()
+        with torch.no_grad():
+            for name in names:
+                copy_initial(self._buffers[name], values[name])
 
     def extra_repr(self) -> str:
         fields = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS if hasattr(self, name)]
@@ -221,7 +260,9 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``.bfloat16``...), keeping the ``fp32_buffers``' dtype; frozen
         rotations are computed again where (and as) the moved encoding computes them."""
         kept = {name: getattr(self, name) for name in self.fp32_buffers}
+        derived = [name for name in self._non_persistent_buffers_set if getattr(self._buffers.get(name), "is_meta", 0)]
         super()._apply(fn, recurse)
+        self._fill_derived([name for name in derived if not self._buffers[name].is_meta])
         for name, before in kept.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:  # a cast: keep the exact values, follow the device only
@@ -231,32 +272,44 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
 
 
 class LearnedEncoding(PositionEncoding):
-    """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``).
+    """Base of encodings with learned per-layer, per-head parameters (leading dims ``(depth, num_heads)``), and
+    their shared constructor.
 
-    Validates and stores ``num_heads``, the rotated width ``rot_dim`` (a multiple of ``multiple``) and the
-    frequency base ``theta`` (``default_theta`` when None; it only sets initial values) and the initialisation
-    ``seed`` (None: the global RNG); ``init_generator`` turns it into a generator.
+    Validates and stores ``num_axes`` (``default_num_axes`` when None), ``num_heads``, the rotated width ``rot_dim``
+    (``head_dim`` when None; a multiple of what ``rot_dim_multiple`` says), the frequency base ``theta``
+    (``default_theta`` when None; it only sets initial values) and the initialisation ``seed`` (None: the global
+    RNG; ``init_generator`` turns it into a generator); then ``add_parameters()`` creates the (empty) tensors and
+    ``reset_parameters()`` fills them from ``initial_state()``.
     """
 
     stored_settings = (*PositionEncoding.stored_settings, "num_heads", "depth", "rot_dim")
+    default_num_axes: ClassVar[int] = 2
 
     def __init__(
         self,
         head_dim: int,
-        num_axes: int,
-        num_heads: int,
-        depth: int,
-        rot_dim: int | None,
-        multiple: int,
-        why: str,
-        theta: float | None,
+        num_axes: int | None = None,
+        num_heads: int = 1,
+        depth: int = 1,
+        theta: float | None = None,
+        rot_dim: int | None = None,
         seed: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes, depth)
+        num_axes = self.default_num_axes if num_axes is None else num_axes
+        super().__init__(head_dim=head_dim, num_axes=num_axes, depth=depth)
         self.seed = seed
         self.num_heads = check_positive_int(num_heads, "num_heads")
-        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, multiple, why)
+        self.rot_dim = resolve_rot_dim(head_dim, rot_dim, *self.rot_dim_multiple())
         self.theta = default_theta(num_axes) if theta is None else check_positive_float(theta, "theta")
+        self.add_parameters()
+        self.reset_parameters()
+
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set."""
+        return 1, ""
+
+    def add_parameters(self) -> None:
+        """Create the parameters and buffers (``torch.empty``: ``reset_parameters`` fills them)."""
 
     @staticmethod
     def init_generator(seed: int | None) -> torch.Generator | None:

@@ -167,6 +167,8 @@ def frozen_rotations(encoding: nn.Module, coords: Coords, num_prefix_tokens: int
             f"{name} is frozen (liere.freeze): its rotations are constants that train nothing; "
             "call liere.unfreeze(model) before training"
         )
+    if isinstance(coords, Tensor) and coords.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} is frozen (liere.freeze): its rotations are constants, with no gradient for coords")
     tracing = is_tracing(coords)
     if not tracing and weight_stamp(encoding) != state.weights:
         raise RuntimeError(

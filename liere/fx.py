@@ -24,7 +24,6 @@ from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from liere.coords import Grid
-from liere.rotations import Rotations
 
 CoordsArg = Tensor | Proxy | tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]
 
@@ -49,7 +48,7 @@ def call_leaf(tracer: Any, fn: Callable[..., Any], *args: object, **kwargs: obje
     return tracer.create_proxy("call_function", fn, args, kwargs)
 
 
-def encoding_rotations(encoding: nn.Module, coords: CoordsArg, num_prefix_tokens: int) -> Rotations:
+def encoding_rotations(encoding: nn.Module, coords: CoordsArg, num_prefix_tokens: int) -> Any:
     """Run time of a traced encoding call: ``encoding(coords, num_prefix_tokens)``."""
     return encoding(as_coords(coords), num_prefix_tokens)
 
@@ -57,11 +56,6 @@ def encoding_rotations(encoding: nn.Module, coords: CoordsArg, num_prefix_tokens
 def encoding_add_to_tokens(encoding: nn.Module, x: Tensor, coords: CoordsArg) -> Tensor:
     """Run time of a traced ``encoding.add_to_tokens(x, coords)``."""
     return encoding.add_to_tokens(x, as_coords(coords))
-
-
-def stored_rotations(head_dim: int, tensors: dict[str, Tensor]) -> Rotations:
-    """Run time of ``Rotations`` computed at trace time (fixed encodings): rebuilt from their stored tensors."""
-    return Rotations(head_dim, **tensors)
 
 
 class TracedRotations:
@@ -132,12 +126,3 @@ def traced_rotations(encoding: nn.Module, coords: Tensor | Grid | Proxy, num_pre
 def traced_add_to_tokens(encoding: nn.Module, x: Proxy, coords: Tensor | Grid | Proxy) -> Proxy:
     """``encoding.add_to_tokens(x, coords)`` on a ``Proxy`` ``x``, as one node."""
     return call_leaf(x.tracer, encoding_add_to_tokens, encoding, x, coords_arg(coords))
-
-
-def rotations_node(rot: Rotations | TracedRotations, tracer: Any) -> Proxy:
-    """The node yielding ``rot`` at run time (``Rotations`` made outside an encoding: rebuilt from their tensors,
-    which become constants of the graph)."""
-    if isinstance(rot, TracedRotations):
-        return rot.node(tracer)
-    stored = {name: t for name in ("cos", "sin", "blocks", "basis") if (t := getattr(rot, name)) is not None}
-    return call_leaf(tracer, stored_rotations, rot.head_dim, stored or {"shape": rot._lead})

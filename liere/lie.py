@@ -40,10 +40,9 @@ class LieRE(LearnedEncoding):
     are powers of one exponential per generator (``skew_expm_progression``), about 20x fewer matmuls than one
     exponential per position. With
     ``recompute=True`` the rotations are recomputed in the backward instead of keeping their intermediates
-    for it (``torch.utils.checkpoint``; ~20 per matrix for ``skew_expm``, ~1 for powers): about a third more
-    rotation time for a fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up
-    (ViT-S/16 at batch 256 keeps 1.27x RoPE's saved activations at b=64 without it, 1.03x at b=8;
-    BENCHMARKS.md).
+    for it (``torch.utils.checkpoint``; ~20 per matrix for ``skew_expm``, ~1 for powers): more rotation time for
+    a fraction of its memory. The default (``None``) recomputes from ``block_size=16`` up (BENCHMARKS.md measures
+    the saved activations).
     """
 
     stored_settings = (*LearnedEncoding.stored_settings, "block_size")
@@ -64,18 +63,29 @@ class LieRE(LearnedEncoding):
         seed: int | None = None,
     ) -> None:
         self.block_size = check_block_size(block_size)
-        why = f"block_size={block_size}"
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, block_size, why, theta, seed)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.init, self.init_std, self.method = init, init_std, method
         self.recompute = resolve_recompute(recompute, block_size)
         self.uses_progression = block_size >= 3  # 1D grids: powers of one exponential
-        num_blocks, m = self.rot_dim // block_size, num_skew_params(block_size)
-        self.generators = nn.Parameter(torch.empty(depth, num_heads, num_axes, num_blocks, m))
-        if init == "rope":
+        super().__init__(
+            head_dim=head_dim,
+            num_axes=num_axes,
+            num_heads=num_heads,
+            depth=depth,
+            theta=theta,
+            rot_dim=rot_dim,
+            seed=seed,
+        )
+
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        return self.block_size, f"block_size={self.block_size}"
+
+    def add_parameters(self) -> None:
+        num_blocks, m = self.rot_dim // self.block_size, num_skew_params(self.block_size)
+        self.generators = nn.Parameter(torch.empty(self.depth, self.num_heads, self.num_axes, num_blocks, m))
+        if self.init == "rope":
             self._check_rope_init()
-        self.reset_parameters()
 
     def initial_state(self) -> dict[str, Tensor]:
         shape, gen = self.generators.shape, self.init_generator(self.seed)

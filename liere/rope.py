@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from liere.coords import Progression
-from liere.encoding import LearnedEncoding, PositionEncoding, check_positive_float, check_positive_int, resolve_rot_dim
+from liere.encoding import (
+    LearnedEncoding,
+    PositionEncoding,
+    check_positive_float,
+    check_positive_int,
+    fixed_at_construction,
+    resolve_rot_dim,
+)
 from liere.linalg import block_diag, skew_from_params
 from liere.rotations import Rotations
 
@@ -80,6 +87,7 @@ class RoPE(PositionEncoding):
     fp32_buffers = ("freqs", "cache_cos", "cache_sin")
     uses_progression = True
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta", "offset", "interpolate_factor")
+    theta, offset, interpolate_factor = map(fixed_at_construction, ("theta", "offset", "interpolate_factor"))
 
     def __init__(
         self,
@@ -92,7 +100,7 @@ class RoPE(PositionEncoding):
         theta_rescale_factor: float = 1.0,
         cache_len: int | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes=1)
+        super().__init__(head_dim=head_dim, num_axes=1)
         self.rot_dim = resolve_rot_dim(head_dim, rot_dim, 2, "RoPE rotates feature pairs")
         self.theta = ntk_theta(check_positive_float(theta, "theta"), self.rot_dim, theta_rescale_factor)
         self.offset, self.interpolate_factor = check_position_map(offset, interpolate_factor)
@@ -152,6 +160,7 @@ class AxialRoPE(PositionEncoding):
 
     fp32_buffers = ("freqs",)
     stored_settings = (*PositionEncoding.stored_settings, "rot_dim", "theta")
+    theta = fixed_at_construction("theta")
 
     def __init__(
         self,
@@ -162,7 +171,7 @@ class AxialRoPE(PositionEncoding):
         *,
         sections: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes)
+        super().__init__(head_dim=head_dim, num_axes=num_axes)
         self.sections = None if sections is None else check_sections(sections, num_axes, head_dim, rot_dim)
         if rot_dim is None:
             rot_dim = 2 * sum(self.sections) if self.sections else head_dim - head_dim % (2 * num_axes)
@@ -206,20 +215,11 @@ class RoPEMixed(LearnedEncoding):
     Equals LieRE with block size 2.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        num_axes: int = 2,
-        num_heads: int = 1,
-        depth: int = 1,
-        theta: float | None = None,
-        rot_dim: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        multiple, why = mixed_width(num_axes, "RoPE-Mixed")
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, multiple, why, theta, seed)
-        self.freqs = nn.Parameter(torch.empty(depth, num_heads, num_axes, self.rot_dim // 2))
-        self.reset_parameters()
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        return mixed_width(self.num_axes, "RoPE-Mixed")
+
+    def add_parameters(self) -> None:
+        self.freqs = nn.Parameter(torch.empty(self.depth, self.num_heads, self.num_axes, self.rot_dim // 2))
 
     def initial_state(self) -> dict[str, Tensor]:
         return {"freqs": initial_mixed_frequencies(self)}

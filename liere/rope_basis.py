@@ -43,22 +43,16 @@ class RoPEBasis(LearnedEncoding):
     the encoding equals RoPE (1D) or RoPE-Mixed.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        num_axes: int = 1,
-        num_heads: int = 1,
-        depth: int = 1,
-        theta: float | None = None,
-        rot_dim: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        multiple, why = mixed_width(num_axes, type(self).__name__)
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, multiple, why, theta, seed)
-        self.freqs = nn.Parameter(torch.empty(depth, num_heads, num_axes, self.rot_dim // 2))
-        self.skew = nn.Parameter(torch.empty(depth, num_heads, num_skew_params(self.rot_dim)))
-        self.register_buffer("basis", torch.empty(depth, num_heads, self.rot_dim, self.rot_dim))
-        self.reset_parameters()
+    default_num_axes = 1
+
+    def rot_dim_multiple(self) -> tuple[int, str]:
+        return mixed_width(self.num_axes, type(self).__name__)
+
+    def add_parameters(self) -> None:
+        lead, r = (self.depth, self.num_heads), self.rot_dim
+        self.freqs = nn.Parameter(torch.empty(*lead, self.num_axes, r // 2))
+        self.skew = nn.Parameter(torch.empty(*lead, num_skew_params(r)))
+        self.register_buffer("basis", torch.empty(*lead, r, r))
 
     def initial_state(self) -> dict[str, Tensor]:
         """RoPE-Mixed frequencies, ``S = 0`` and the identity ``basis`` (``from_liere`` sets another basis)."""

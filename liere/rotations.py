@@ -237,6 +237,12 @@ class Rotations:
             blocks = (Q @ block_diag(blocks, self.rot_dim, fill_identity=True) @ Q.transpose(-1, -2)).unsqueeze(-3)
         return block_diag(blocks, self.head_dim, fill_identity=True)
 
+    def node(self, tracer: Any) -> torch.fx.Proxy:
+        """Under ``torch.fx`` symbolic tracing: a node yielding these rotations at run time, rebuilt from their tensors
+        (constants of the graph). Encodings' own rotations are traced as calls instead (``liere.fx``)."""
+        stored = self.tensors() or {"shape": self._lead}
+        return tracer.create_proxy("call_function", rotations_from, (self.head_dim, stored), {})
+
     # ----------------------------------------------------------------- application
     def apply(self, x: Tensor) -> Tensor:
         """Rotate ``x`` of shape ``(batch, heads, n, head_dim)``: ``out[b, h, i] = R(p_i) x[b, h, i]``.
@@ -245,9 +251,7 @@ class Rotations:
         Under ``torch.fx`` symbolic tracing (``x`` a ``Proxy``) this call is recorded as one node (``liere.fx``).
         """
         if isinstance(x, torch.fx.Proxy):
-            from liere.fx import rotations_node
-
-            return x if self.is_identity else rotations_node(self, x.tracer).apply(x)
+            return x if self.is_identity else self.node(x.tracer).apply(x)
         self.check_input(x)
         if self.is_identity:
             return x
@@ -298,7 +302,7 @@ class Rotations:
         dtype = apply_dtype(x.dtype, mats.dtype, x.device.type, matmul=True)  # what einsum would use
         grad = torch.is_grad_enabled() and (mats.requires_grad or x.requires_grad)
         if not grad and x.shape[2] == 1 and x.shape[0] <= 2 and s == 1 and h == x.shape[1]:  # a decoding step:
-            # one position of q and k, no backward: one plain bmm with the samples along the matrix columns, ~3x less
+            # one position of q and k, no backward: one plain bmm with the samples along the matrix columns, less
             # overhead than einsum (slower for many positions); in ``dtype`` already, autocast leaves it alone
             return (mats[0].to(dtype) @ xb.movedim(0, -1).to(dtype)).movedim(-1, 0).flatten(-2)
         # Squeeze the shared sample/head dims so that einsum batches over (heads, n, nb) and lets the
@@ -313,7 +317,7 @@ class _BlockRotate(torch.autograd.Function):
     """``out[z, h, n, i] = mats[.., n, i] @ x[z, h, n, i]`` that saves ``x`` itself for the backward.
 
     Plain einsum saves the permuted copy of ``x`` it hands to bmm: one more q-sized and k-sized tensor per
-    layer than RoPE keeps (about 9% of a ViT-S step's saved activations). ``x`` (a view of the qkv
+    layer than RoPE keeps. ``x`` (a view of the qkv
     projection, which attention keeps anyway) costs nothing extra. Runs in the dtype it is given. The backward
     is made of differentiable einsums (double backward), the forward has a generated ``vmap`` rule
     (``torch.func`` transforms); ``_BlockRotateWithJvp`` adds forward-mode AD.
@@ -356,3 +360,8 @@ class _BlockRotateWithJvp(_BlockRotate):
         terms = [(m, v) for m, v in ((mats_tangent, x), (mats, x_tangent)) if m is not None and v is not None]
         with torch.autocast(x.device.type, enabled=False):
             return sum(torch.einsum(f"{ctx.mat_idx},zhnid->zhnic", m, v) for m, v in terms)
+
+
+def rotations_from(head_dim: int, tensors: dict[str, Any]) -> Rotations:
+    """``Rotations(head_dim, **tensors)``: the run time of ``Rotations.node``."""
+    return Rotations(head_dim, **tensors)

@@ -27,17 +27,7 @@ class CayleySTRING(RoPEBasis):
     Use ``num_heads=1`` / ``depth=1`` to share ``P`` and the frequencies.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        num_axes: int = 2,
-        num_heads: int = 1,
-        depth: int = 1,
-        theta: float | None = None,
-        rot_dim: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, theta, rot_dim, seed)
+    default_num_axes = 2
 
 
 def skew_circulant_row(params: Tensor, r: int) -> Tensor:
@@ -71,21 +61,10 @@ class CirculantSTRING(LearnedEncoding):
     Init: the ``rows`` are solved so that the eigen-frequencies ``nu`` are RoPE-Mixed's (``mixed_frequencies``).
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        num_axes: int = 2,
-        num_heads: int = 1,
-        depth: int = 1,
-        theta: float | None = None,
-        rot_dim: int | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(head_dim, num_axes, num_heads, depth, rot_dim, 1, "", theta, seed)
+    def add_parameters(self) -> None:
         if self.rot_dim < 3:
             raise ValueError(f"rot_dim must be >= 3 for a skew circulant with free entries, got {self.rot_dim}")
-        self.rows = nn.Parameter(torch.empty(depth, num_heads, num_axes, (self.rot_dim - 1) // 2))
-        self.reset_parameters()
+        self.rows = nn.Parameter(torch.empty(self.depth, self.num_heads, self.num_axes, (self.rot_dim - 1) // 2))
 
     def initial_state(self) -> dict[str, Tensor]:
         gen, h = self.init_generator(self.seed), (self.rot_dim - 1) // 2

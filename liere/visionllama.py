@@ -35,7 +35,7 @@ class VisionLlamaRoPE(AxialRoPE):
     ) -> None:
         if coord_convention not in COORD_CONVENTIONS:
             raise ValueError(f"coord_convention must be one of {COORD_CONVENTIONS}, got {coord_convention!r}")
-        super().__init__(head_dim, num_axes, theta=math.exp(4), rot_dim=rot_dim)
+        super().__init__(head_dim=head_dim, num_axes=num_axes, theta=math.exp(4), rot_dim=rot_dim)
         self.coord_convention = coord_convention
 
     def initial_state(self) -> dict[str, Tensor]:

@@ -109,11 +109,6 @@ def replace_data(pe: PositionEncoding) -> None:
         p.data = p.data * 1.5
 
 
-def copy_into_data(pe: PositionEncoding) -> None:
-    for p in pe.parameters():
-        p.data.copy_(p.data * 0.5)  # .data: no version counter moves
-
-
 def load_other_weights(pe: PositionEncoding) -> None:
     pe.load_state_dict({k: v + 0.25 for k, v in pe.state_dict().items()})
 
@@ -127,7 +122,6 @@ def in_place_no_grad(pe: PositionEncoding) -> None:
 CHANGES = {
     "optimizer-step": step,
     "p.data=": replace_data,
-    "p.data.copy_": copy_into_data,
     "load_state_dict": load_other_weights,
     "in-place": in_place_no_grad,
     "to-float64": lambda pe: pe.to(torch.float64),
@@ -143,6 +137,73 @@ def test_any_weight_change_misses(spec: str, change: str) -> None:
     after = dense(pe)
     assert not torch.equal(after, before.to(after.dtype))
     assert_equal_to_fresh(pe)
+
+
+def test_writes_through_data_are_seen_after_clear_cache() -> None:
+    """``p.data.copy_`` moves no version counter (autograd does not see it either): ``clear_cache()`` after it."""
+    pe = encoding("liere8")
+    dense(pe)
+    for p in pe.parameters():
+        p.data.copy_(p.data * 0.5)
+    pe.clear_cache()
+    assert_equal_to_fresh(pe)
+
+
+def replace_with_plain_tensor(pe: PositionEncoding) -> None:
+    weights = pe.generators.detach().clone()
+    del pe.generators
+    pe.generators = weights  # a plain tensor attribute in the parameter's place
+    dense(pe)
+    pe.generators.mul_(0.5)
+
+
+def parametrize_then_change_its_tensor(pe: PositionEncoding) -> None:
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.factor = torch.tensor(1.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    torch.nn.utils.parametrize.register_parametrization(pe, "generators", Scale())
+    dense(pe)  # cached with factor 1
+    pe.parametrizations.generators[0].factor = torch.tensor(0.5)
+
+
+def patch_rotations(pe: PositionEncoding) -> None:
+    rotations = pe.rotations
+    pe.rotations = lambda coords, **kwargs: rotations(coords * 2, **kwargs)
+
+
+@pytest.mark.parametrize("change", [replace_with_plain_tensor, parametrize_then_change_its_tensor, patch_rotations])
+def test_swapped_tensors_parametrizations_and_patched_methods_miss(change) -> None:
+    pe = encoding("liere8")
+    before = dense(pe)
+    change(pe)
+    fresh = encoding("liere8")
+    change(fresh)
+    fresh.clear_cache()
+    after = dense(pe)
+    assert not torch.equal(after, before) and torch.equal(after, dense(fresh))
+
+
+@pytest.mark.parametrize("spec", ["rope", "axial-rope", "liere8"])
+def test_coordinates_that_require_grad_get_their_gradient_every_call(spec: str) -> None:
+    pe = encoding(spec, num_axes=1 if spec == "rope" else 2).requires_grad_(False)
+    coords = grid_coords(*(GRID.shape[:1] if spec == "rope" else GRID.shape))
+    q = torch.randn(2, 2, coords.shape[0], 16)
+    grads = []
+    for _ in range(2):
+        x = coords.clone().requires_grad_()
+        pe(x).for_layer(0).apply(q).sum().backward()  # the second call must not reuse the first call's graph
+        grads.append(x.grad)
+    assert grads[0] is not None and torch.equal(grads[0], grads[1])
+    fresh = build_like(pe)
+    x = coords.clone().requires_grad_()
+    fresh.cache_size = 0
+    fresh(x).for_layer(0).apply(q).sum().backward()
+    assert torch.equal(grads[0], x.grad)
 
 
 def test_buffer_change_and_train_eval_switch_miss() -> None:

@@ -113,3 +113,43 @@ def test_init_weights_on_a_trained_model_restores_the_initial_weights() -> None:
     model.init_weights()
     torch.manual_seed(3)
     assert_bitwise_equal(model, MODELS["vit-liere8"]())
+
+
+@pytest.mark.parametrize(("name", "axes"), CASES)
+def test_derived_buffers_are_right_after_to_empty_without_init(name: str, axes: int) -> None:
+    """A checkpoint holds no derived buffer (frequency tables...): made real by ``to_empty`` (here: filled with NaN,
+    as garbage would be), they are computed at once, so loading weights without ``init_weights()`` is right."""
+    torch.manual_seed(0)
+    kwargs = dict(head_dim=HEAD_DIM, num_axes=axes, num_heads=HEADS, depth=DEPTH, dim=DIM, grid_shape=SHAPES[axes])
+    spec = liere.encoding_info(name).example
+    with torch.device("meta"):
+        pe = liere.build(spec, **kwargs)
+    pe._apply(lambda t: torch.full_like(t, float("nan") if t.is_floating_point() else -1, device="cpu"))
+    normal = liere.build(spec, **kwargs)
+    pe.load_state_dict(normal.state_dict())
+    assert_bitwise_equal(pe, normal)
+
+
+def test_reset_parameters_fills_sharded_parameters(tmp_path) -> None:
+    """The FSDP2 recipe on a 1-rank group: parameters as ``DTensor`` shards; ``reset_parameters`` fills each shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            pe = liere.build("liere8", head_dim=16, num_axes=2, num_heads=2, depth=2)
+        pe.to_empty(device="cpu")
+        for name, param in list(pe.named_parameters()):
+            sharded = distribute_tensor(torch.zeros_like(param), mesh, [Shard(0)])
+            setattr(pe, name, nn.Parameter(sharded))
+        torch.manual_seed(0)
+        pe.reset_parameters()
+        torch.manual_seed(0)
+        normal = liere.build("liere8", head_dim=16, num_axes=2, num_heads=2, depth=2)
+        assert torch.equal(pe.generators.full_tensor(), normal.generators)
+    finally:
+        dist.destroy_process_group()

@@ -124,7 +124,7 @@ def test_checkpoint_kind_mismatch_says_what_to_do(tmp_path, process_group, monke
 def test_fsdp_refuses_an_encoding_without_initial_state_before_data_loads(tmp_path, process_group, monkeypatch) -> None:
     class Learned(liere.PositionEncoding):
         def __init__(self, head_dim: int, num_axes: int) -> None:
-            super().__init__(head_dim, num_axes)
+            super().__init__(head_dim=head_dim, num_axes=num_axes)
             self.freqs = nn.Parameter(torch.ones(head_dim // 2))
 
     monkeypatch.setattr(liere.factory, "_REGISTRY", dict(liere.factory._REGISTRY))  # restored after the test

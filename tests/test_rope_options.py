@@ -72,3 +72,15 @@ def test_rope_options_reject_bad_values():
         RoPE(32, theta_rescale_factor=0)
     with pytest.raises(ValueError, match="cache_len"):
         RoPE(32, cache_len=0)
+
+
+def test_settings_fixed_at_construction_refuse_assignment():
+    """theta, offset and interpolate_factor set the frequency table and cache when built: assigning them raises."""
+    from liere import AxialRoPE
+
+    rope, axial = RoPE(16, cache_len=8), AxialRoPE(16)
+    for pe, name in ((rope, "theta"), (rope, "offset"), (rope, "interpolate_factor"), (axial, "theta")):
+        before = getattr(pe, name)
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(pe, name, 2.0)
+        assert getattr(pe, name) == before
