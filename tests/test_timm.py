@@ -105,6 +105,8 @@ def test_timm_abs_keeps_timm_pos_embed_and_bad_models_are_rejected():
         liere_timm_vit(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="coord_scale"):
         tiny_timm_vit("liere8", coord_scale="pixels")
+    with pytest.raises(ValueError, match="axis_order"):
+        tiny_timm_vit("axial-rope", axis_order="yx")
     with pytest.raises(TypeError, match="Block"):
         tiny_timm_vit("liere8", block_fn=timm.models.vision_transformer.ResPostBlock)
 
@@ -271,60 +273,6 @@ def test_timm_coordinate_augmentation_matches_timms_rope_augmentation():
     torch.testing.assert_close(eval_rot.cos, model.liere_encoding(grid_coords(4, 4), num_prefix_tokens=1)[0].cos)
     with pytest.raises(ValueError, match="jitter_coords"):
         tiny_timm_vit("liere8", jitter_coords=0.5)
-
-
-# ----------------------------------------------------------------------------------- timm's own RoPE ViTs
-def port_rope_vit(eva: torch.nn.Module, img_size: tuple[int, int], axis_order: str) -> RotaryVisionTransformer:
-    """timm's naver-ai rope-vit model ``eva`` (an ``Eva``) as an adapted ``VisionTransformer`` with its weights:
-    RoPE-Axial (``RotaryEmbeddingCat``) -> ``"axial-rope"`` with its temperature as ``theta``, RoPE-Mixed
-    (``RotaryEmbeddingMixed``) -> ``"rope-mixed"`` with its frequencies ``(2, depth, heads, pairs)`` moved to
-    ``(depth, heads, axes, pairs)``; layer scales ``gamma_1/2`` -> ``ls1/2.gamma``; ``_ape`` variants keep
-    ``pos_embed`` (``no_embed_class``)."""
-    mixed, ape = hasattr(eva.rope, "freqs"), eva.pos_embed is not None
-    config = dict(
-        img_size=img_size,
-        patch_size=16,
-        embed_dim=eva.embed_dim,
-        depth=len(eva.blocks),
-        num_heads=eva.blocks[0].attn.num_heads,
-        init_values=1e-5,
-        no_embed_class=ape,
-        num_classes=eva.num_classes,
-    )
-    spec = "rope-mixed" if mixed else f"axial-rope:theta={eva.rope.temperature}"
-    vit = liere_timm_vit("vit_small_patch16_224", spec, create_kwargs=config, axis_order=axis_order, keep_pos_embed=ape)
-    state = {k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"): v for k, v in eva.state_dict().items()}
-    if mixed:
-        state["liere_encoding.freqs"] = state.pop("rope.freqs").permute(1, 2, 0, 3)
-    vit.load_state_dict(state)
-    return vit.eval()
-
-
-ROPE_VITS = [
-    "vit_small_patch16_rope_224",
-    "vit_small_patch16_rope_mixed_224",
-    "vit_small_patch16_rope_ape_224",
-    "vit_small_patch16_rope_mixed_ape_224",
-]
-
-
-@pytest.mark.parametrize("name", ROPE_VITS)
-def test_timms_rope_vits_ported_with_axis_order_xy_give_timms_logits(name):
-    """timm orders the grid axes (col, row) (``rope_grid_indexing="xy"``); with ``axis_order="xy"`` the adapter
-    computes the same logits bitwise (same frequencies, pairs and fp32 math), with ``"ij"`` different ones."""
-    img_size = (32, 64)  # a 2 x 4 patch grid: rows and columns differ
-    torch.manual_seed(0)
-    eva = timm.create_model(name, pretrained=False, img_size=img_size, depth=2).eval()
-    with torch.no_grad():  # weights of a trained model's scale (timm initialises layer scales at 1e-5)
-        for key, p in eva.named_parameters():
-            if key != "rope.freqs":
-                p.normal_(0, 0.5 if "gamma" in key else 0.1)
-        images = torch.randn(2, 3, *img_size)
-        expected = eva(images)
-        assert torch.equal(port_rope_vit(eva, img_size, "xy")(images), expected)
-        assert (port_rope_vit(eva, img_size, "ij")(images) - expected).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="axis_order"):
-        tiny_timm_vit("axial-rope", axis_order="yx")
 
 
 # ----------------------------------------------------------------------------------- export

@@ -326,3 +326,12 @@ def load_timm_weights(model: RotaryVisionTransformer, state_dict: dict[str, Tens
         wrong = sorted(set(missing) - set(new))
         raise ValueError(f"state_dict does not fit the adapted model: missing {wrong}, unexpected {unexpected}")
     return LoadReport(new, dropped)
+
+
+def __getattr__(name: str) -> Any:
+    """``port_timm_rope`` and ``switch_encoding`` live in ``liere.integrations.timm_rope`` (which imports this)."""
+    if name in ("port_timm_rope", "switch_encoding"):
+        from liere.integrations import timm_rope
+
+        return getattr(timm_rope, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
