@@ -21,6 +21,7 @@ from train.data.registry import (
     is_text,
     load_dataset,
     model_defaults,
+    preset_options,
     source,
 )
 from train.data.source import Extrapolation, Source
@@ -53,6 +54,7 @@ __all__ = [
     "is_text",
     "load_dataset",
     "model_defaults",
+    "preset_options",
     "source",
     "text_splits",
 ]

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import checksum
 from train.data.splits import ImageSplits, TensorImageDataset
+from train.hashing import checksum
 from train.run_dir import alive, writing
 
 CACHE_VERSION = 1  # bump when a generator or a conversion changes, to invalidate caches

@@ -22,7 +22,6 @@ DATASETS: dict[str, Source] = {
     s.name: s
     for s in (
         arrow.SOURCE,
-        arrow.SMALL,
         fashion_mnist.SOURCE,
         hub.CIFAR10,
         hub.CIFAR100,
@@ -122,3 +121,8 @@ def extrapolation_set(
     label = info.pop("label")
     print(f"[data] {name} {label} (extrapolation test set, factor {factor:g}): {len(test)} images", flush=True)
     return test, {"kind": extrapolation.kind, **info}
+
+
+def preset_options(name: str, preset: str) -> dict[str, Any]:
+    """The dataset's data options at ``preset``'s scale (``Source.preset_options``; empty if it sets none)."""
+    return dict(source(name).preset_options.get(preset, {}))
