@@ -130,9 +130,16 @@ def default_patch(spatial: tuple[int, ...], max_grid: int) -> tuple[int, ...]:
     return tuple(next(p for p in range(1, s + 1) if s % p == 0 and s // p <= max_grid) for s in spatial)
 
 
-def preset_config(preset: str, task: str, weight_init: str | None = None, **overrides: Any) -> RunConfig:
-    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored)
-    and ``weight_init`` the model's init scheme (``models.blocks.WEIGHT_INITS``).
+def preset_config(
+    preset: str,
+    task: str,
+    weight_init: str | None = None,
+    data_overrides: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> RunConfig:
+    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored),
+    ``data_overrides`` the dataset's options at this preset (``train.data.preset_options``) and ``weight_init``
+    the model's init scheme (``models.blocks.WEIGHT_INITS``).
 
     Image patch sizes are chosen later, from the loaded data's shape (``patch_size`` in ``model_options``
     when the preset or the dataset fixes it: ``train.data.model_defaults``, e.g. the arrow task's cell size).
@@ -140,7 +147,7 @@ def preset_config(preset: str, task: str, weight_init: str | None = None, **over
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    data_options = data.preset_options(task, preset)
+    data_options = data.preset_options(task, preset) | (data_overrides or {})
     model_options = dict(p.lm if is_text(task) else p.vit) | data.model_defaults(task, data_options)
     if weight_init is not None:
         model_options["weight_init"] = weight_init

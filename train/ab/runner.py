@@ -430,6 +430,8 @@ def _run_all(
         threads=torch.get_num_threads(),
         jobs=workers,
         cpu=machine.cpu_model(),
+        data_sizes=data.split_sizes(task.splits),
+        data_unit=data.size_unit(task.splits),
     )
 
 
