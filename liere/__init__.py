@@ -18,6 +18,7 @@ from liere.rope_basis import RoPEBasis
 from liere.rotations import Rotations
 from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
+from liere.weight_decay import no_weight_decay_names
 
 __all__ = [
     "AxialRoPE",
@@ -40,6 +41,7 @@ __all__ = [
     "build",
     "encoding_info",
     "grid_coords",
+    "no_weight_decay_names",
     "register",
     "rotary_attention",
     "skew_expm",
