@@ -386,8 +386,9 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path, test_toke
     )
     if test_tokens is not None and test_tokens != scored[multiples[0]]:
         intro += (
-            f"; the main table's test bpc scores {test_tokens} tokens (the first `eval_samples` test tokens, its "
-            f"last window shorter), so its value differs from the 1x column here, which scores {scored[multiples[0]]}"
+            f"; the main table's test bpc scores {test_tokens} tokens (the first `eval_samples` test tokens, in "
+            f"windows of the training context), so its value differs from the 1x column here, which scores "
+            f"{scored[multiples[0]]}"
         )
     intro += "."
     return _section("Length extrapolation", intro, table, "length.png", "length extrapolation")
