@@ -21,6 +21,7 @@ from liere.rotations import Rotations
 from liere.scaling import scaled_frequencies
 from liere.string_pe import CayleySTRING, CirculantSTRING
 from liere.visionllama import VisionLlamaRoPE
+from liere.weight_decay import no_weight_decay_names
 
 __all__ = [
     "AxialRoPE",
@@ -45,6 +46,7 @@ __all__ = [
     "freeze",
     "grid_coords",
     "multimodal_positions",
+    "no_weight_decay_names",
     "register",
     "rotary_attention",
     "scaled_frequencies",

@@ -212,7 +212,8 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
         restamp(self)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to exclude from weight decay (all of an encoding's parameters, as in timm)."""
+        """Names of this encoding's parameters, to exclude from weight decay, relative to the encoding
+        (``"generators"``); ``liere.no_weight_decay_names(model)`` gives the model-level names timm expects."""
         return {name for name, _ in self.named_parameters()}
 
     def initial_state(self) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import liere
-from liere import Grid, PositionEncoding
+from liere import Grid, PositionEncoding, no_weight_decay_names
 from liere.encoding import check_positive_int
 from models.blocks import (
     KVCache,
@@ -168,4 +168,4 @@ class CharLM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Full names of the encoding's parameters (to exclude from weight decay)."""
-        return {f"encoding.{name}" for name in self.encoding.no_weight_decay()}
+        return no_weight_decay_names(self)

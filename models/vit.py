@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import liere
-from liere import Grid, PositionEncoding
+from liere import Grid, PositionEncoding, no_weight_decay_names
 from liere.fx import is_symbolic_tracing
 from models.blocks import Transformer, check_heads, check_weight_init, init_weights, reset_submodules, resolve_encoding
 
@@ -178,5 +178,5 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Full names of parameters to exclude from weight decay: the encoding's and the prefix tokens."""
-        names = {f"encoding.{name}" for name in self.encoding.no_weight_decay()}
-        return names | {name for name in ("cls_token", "registers") if getattr(self, name) is not None}
+        prefix = {name for name in ("cls_token", "registers") if getattr(self, name) is not None}
+        return no_weight_decay_names(self) | prefix

@@ -80,3 +80,44 @@ def test_parse_seeds():
     assert ab.parse_seeds("7") == [7]
     with pytest.raises(ValueError, match="--seeds"):
         ab.parse_seeds("a,b")
+
+
+def _image_folder(root, size: int = 32, per_class: int = 8):
+    from PIL import Image
+
+    for label, color in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), color).save(root / label / f"{i}.png")
+    return root
+
+
+def test_folder_image_size_and_split_fractions_reach_the_run(tmp_path):
+    folder = _image_folder(tmp_path / "images")
+    args = ["--task", f"folder:{folder}", "--image-size", "32", "--split-fractions", "0.5,0.25,0.25"]
+    args += ["--preset", "smoke", "--steps", "2", "--encodings", "axial-rope", "--evaluate", "none", "--quiet"]
+    results = ab.main([*args, "--jobs", "1", "--out", str(tmp_path / "ab")])
+    (run,) = results.runs
+    assert run.config["data_options"] == {"image_size": 32, "fractions": (0.5, 0.25, 0.25)}
+    assert run.model_spec["kwargs"]["image_shape"] == [3, 32, 32]  # not upscaled to the default 64 px
+    assert results.data_sizes == {"train": 8, "val": 4, "test": 4} and results.data_unit == "images"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task", "pydoc", "--image-size", "32"], r"--image-size: dataset 'pydoc' has no such option"),
+        (["--task", "cifar10", "--split-fractions", "0.8,0.1,0.1"], "--split-fractions: dataset 'cifar10' has no"),
+        (["--task", "digits", "--split-fractions", "0.8,0.1"], "--split-fractions: expected train,val,test"),
+        (["--task", "digits", "--split-fractions", "0.8,0.3,0.1"], "summing to 1"),
+        (["--task", "folder:/x", "--image-size", "0"], "--image-size must be a positive int"),
+    ],
+)
+def test_data_options_refused_where_they_do_not_apply(tmp_path, extra, message):
+    from train.__main__ import main as train_main
+
+    with pytest.raises(ValueError, match=message):
+        ab.main([*ARGS, *extra, "--out", str(tmp_path / "ab")])
+    with pytest.raises(ValueError, match=message):
+        train_main(["--preset", "smoke", *extra, "--out", str(tmp_path / "one")])
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "one").exists()

@@ -26,6 +26,7 @@ from train.data import (
 )
 from train.data import text as text_source
 from train.data.fashion_mnist import read_idx
+from train.presets import preset_config
 
 SMALL_ARROW = dict(image_size=48, grid=6, num_train=400, num_val=100, num_test=100)
 SMALL_CLIPS = dict(frames=6, size=16, num_train=200, num_val=50, num_test=50)
@@ -90,9 +91,9 @@ def test_arrow_seeded_balanced_and_cached(tmp_path, monkeypatch):
     assert torch.equal(again.train.images, a.train.images) and again.source == a.source
 
 
-def test_arrow_small_preset_and_grid_check(tmp_path):
-    small = load_dataset("arrow-small", root=tmp_path, num_train=10, num_val=2, num_test=2)
-    assert small.image_shape == (1, 48, 48)
+def test_arrow_cpu_preset_size_and_grid_check(tmp_path):
+    options = preset_config("cpu", "arrow").data_options | dict(num_train=10, num_val=2, num_test=2)
+    assert load_dataset("arrow", root=tmp_path, **options).image_shape == (1, 48, 48)
     with pytest.raises(ValueError, match="too small"):
         arrow.generate(4, image_size=40, grid=3)
 

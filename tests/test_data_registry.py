@@ -23,7 +23,7 @@ import torch
 from train import data
 from train.ab import runner as ab
 from train.data import austen, cache, fashion_mnist
-from train.presets import preset_config
+from train.presets import PRESETS, preset_config
 from train.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,22 @@ def test_registry_entries_describe_themselves():
     assert data.model_defaults("clips3d", {"size": 112}) == {"patch_size": (2, 16, 16)}
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid names: arrow"):
         preset_config("smoke", "imagenet")
+
+
+def test_data_sizes_per_preset_live_with_the_dataset():
+    for source in data.DATASETS.values():
+        assert set(source.preset_options) <= set(PRESETS), source.name
+    assert preset_config("cpu", "arrow").data_options == data.source("arrow").preset_options["cpu"]
+    assert preset_config("smoke", "clips3d").data_options == {"frames": 4, "size": 16}
+    assert preset_config("cpu", "pydoc").data_options == {}
+
+
+def test_importing_the_data_package_imports_no_models_or_checkpoints():
+    code = (
+        "import sys, train.data; print(sorted(m for m in ('models', 'train.checkpoint', 'liere') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert found.stdout.strip() == "[]"
 
 
 def test_cli_help_lists_every_dataset():

@@ -204,3 +204,22 @@ def test_no_weight_decay_names_the_encoding_parameters() -> None:
     assert LieRE(16, 2).no_weight_decay() == {"generators"}
     assert RoPEMixed(16, 2).no_weight_decay() == {"freqs"}
     assert RoPE(16).no_weight_decay() == set()
+
+
+def test_model_level_no_weight_decay_names_reach_every_encoding() -> None:
+    from train.loop import param_groups
+
+    class Custom(torch.nn.Module):  # one encoding per block, plus one shared module reached from two blocks
+        def __init__(self) -> None:
+            super().__init__()
+            shared = RoPEMixed(16, 2)
+            self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"pe": LieRE(16, 2), "shared": shared}) for _ in "ab")
+            self.head = torch.nn.Linear(16, 4)
+
+    model = Custom()
+    names = liere.no_weight_decay_names(model)
+    assert names == {"blocks.0.pe.generators", "blocks.1.pe.generators", "blocks.0.shared.freqs"}
+    assert names <= dict(model.named_parameters()).keys()  # the names named_parameters() gives (shared: once)
+    decay, no_decay = param_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model.head.weight)}
+    assert len(no_decay["params"]) == 4  # two generators, the shared freqs, the head's bias

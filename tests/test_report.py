@@ -11,6 +11,7 @@ import torch
 
 from train.ab import evaluate, report
 from train.ab import runner as ab
+from train.data import text as text_source
 
 ARGS = ["--preset", "smoke", "--steps", "10", "--seeds", "0,1", "--quiet", "--jobs", "1"]
 
@@ -41,12 +42,22 @@ def test_report_has_tables_paired_tests_and_existing_plots(vision_run):
         assert row["seeds"] == [0, 1] and len(row["values"]) == 2 and row["low"] <= row["mean"] <= row["high"]
         if row["encoding"] != row["reference"]:
             assert 0 < row["p_seeds"] <= 1 and 0 < row["p_mcnemar"] <= 1
-    ref = max(results["summary"], key=lambda r: r["mean"])["encoding"]
-    assert all(r["reference"] == ref for r in results["summary"])  # default reference: best by mean
+    assert all(r["reference"] == "none" for r in results["summary"])  # no axial-rope: the first encoding
+    assert results["data_sizes"] == {"train": 1439, "val": 179, "test": 179} and results["data_unit"] == "images"
+    assert results["scored"] == {"test": 179} and "- splits: train 1439 / val 179 / test 179 images;" in text
     correct = torch.load(vision_run / "liere8-s0" / report.CORRECT_FILE, weights_only=True)
     run = next(r for r in results["runs"] if r["run_dir"] == "liere8-s0")
     assert correct.dtype == torch.bool and correct.float().mean().item() == pytest.approx(run["test"]["accuracy"])
     assert not (vision_run / "liere8-f0.5-s0" / report.EVALUATION_FILE).exists()  # evaluations: main fraction only
+
+
+def test_default_reference_is_a_fixed_baseline():
+    assert report.default_reference("digits", ["none", "liere8", "axial-rope"]) == "axial-rope"
+    assert report.default_reference("pydoc", ["liere8", "rope", "axial-rope"]) == "rope"
+    assert report.default_reference("digits", ["liere8", "rope-mixed"]) == "liere8"  # no baseline: the first
+    assert report.resolve_reference("digits", ["liere8", "rope-mixed"], "rope-mixed") == "rope-mixed"
+    with pytest.raises(ValueError, match=r"--reference: 'rope' is not one of the encodings \['liere8'\]"):
+        report.resolve_reference("pydoc", ["liere8"], "rope")
 
 
 def test_extrapolation_is_paired_with_the_reference_seed_by_seed():
@@ -85,10 +96,15 @@ def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):
 
 def test_text_run_reports_length_extrapolation(tmp_path):
     out = tmp_path / "lm"
-    ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "rope,liere8", "--out",
-             str(out)])  # fmt: skip
+    results = ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "liere8,rope", "--out", str(out)])
     text = (out / "report.md").read_text()
-    assert "## Length extrapolation" in text and "4x (128 tokens)" in text and "p (McNemar)" in text
+    assert "## Length extrapolation" in text and "4x (128-token windows, 1024 tokens)" in text
+    assert re.search(r"^\| rope \| [^\n]* \| ref \|", text, re.M) and "p (McNemar)" in text  # default: rope
+    # the main table's test bpc scores the first eval_samples (256) test tokens, the 1x column 1024
+    assert results.scored == {"test": 256, "length": {"1": 1024, "2": 1024, "4": 1024}}
+    assert "the main table's test bpc scores 256 tokens" in text and "which scores 1024" in text
+    assert results.data_unit == "chars" and sum(results.data_sizes.values()) == len(text_source.pydoc_text())
+    assert f"test {results.data_sizes['test']} characters (one token each)" in text
     assert all((out / link).is_file() for link in linked_pngs(text)) and "length.png" in linked_pngs(text)
     records = json.loads((out / "rope-s0" / report.EVALUATION_FILE).read_text())["length"]
     assert [r["multiple"] for r in records] == [1, 2, 4]

@@ -25,6 +25,7 @@ from torch import nn
 
 from models.registry import ModelSpecError, build_model, check_spec
 from train import torch_files
+from train.hashing import checksum
 from train.run_dir import LAST, PREV, tmp_path, warn, writing
 
 FORMAT_VERSION = 2  # 2 adds "checksum"; version 1 checkpoints (no checksum) still load
@@ -80,32 +81,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     keys = np_state["keys"].numpy().astype(np.uint32)
     np.random.set_state((np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
-
-
-def _digest(value: Any, sha: Any) -> None:
-    """Feed a checkpoint value (nested dicts, lists, tuples, tensors, numbers, strings) into ``sha``."""
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        sha.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        sha.update(f"D{len(value)}".encode())
-        for key in sorted(value, key=repr):
-            sha.update(repr(key).encode())
-            _digest(value[key], sha)
-    elif isinstance(value, (list, tuple)):
-        sha.update(f"L{len(value)}".encode())
-        for item in value:
-            _digest(item, sha)
-    else:
-        sha.update(repr(value).encode())
-
-
-def checksum(state: dict[str, Any]) -> str:
-    """SHA-256 over every entry of a checkpoint except ``checksum`` itself (tensors by their exact bytes)."""
-    sha = hashlib.sha256()
-    _digest({k: v for k, v in state.items() if k != "checksum"}, sha)
-    return sha.hexdigest()
 
 
 def bundle(config: dict[str, Any], model_spec: dict[str, Any], **state: Any) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from liere.encoding import check_positive_int
 from models.blocks import WEIGHT_INITS
-from train import machine
+from train import data, machine
 from train.checkpoint import CheckpointError
 from train.loop import Diverged, RankTimeout
 from train.preemption import EXIT_PREEMPTED, Preempted
@@ -50,11 +51,57 @@ def add_preset_overrides(p: argparse.ArgumentParser) -> None:
         choices=WEIGHT_INITS,
         help="override the linear-layer init (cpu and smoke ViTs: xavier; otherwise trunc_normal)",
     )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="side in px the images are resized to (folder:PATH, default 64) or drawn at (arrow)",
+    )
+    p.add_argument(
+        "--split-fractions",
+        help="train,val,test fractions of a dataset split by fraction, e.g. 0.7,0.15,0.15 (folder:PATH and\n"
+        "digits default 0.8,0.1,0.1; text:PATH and the text corpora 0.9,0.05,0.05)",
+    )
 
 
 def preset_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``preset_config`` keyword arguments from ``add_preset_overrides``' options (None: keep the preset's)."""
-    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_init": args.weight_init}
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_init": args.weight_init,
+        "data_overrides": data_overrides(args),
+    }
+
+
+DATA_FLAGS = {"image_size": "--image-size", "fractions": "--split-fractions"}  # data option -> its flag
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1): train, val and test fractions, each > 0, summing to 1."""
+    try:
+        fractions = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"--split-fractions: expected train,val,test fractions > 0 summing to 1, got {text!r}")
+    return fractions  # type: ignore[return-value]
+
+
+def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The data options ``--image-size`` and ``--split-fractions`` set, refused for a ``--task`` that lacks them."""
+    given = {"image_size": args.image_size, "fractions": args.split_fractions}
+    options = {key: value for key, value in given.items() if value is not None}
+    if "image_size" in options:
+        check_positive_int(options["image_size"], "--image-size")
+    if "fractions" in options:
+        options["fractions"] = parse_fractions(options["fractions"])
+    accepted = data.data_options(args.task)
+    for key in options:
+        if accepted is not None and key not in accepted:
+            takes = ", ".join(DATA_FLAGS.get(k, k) for k in sorted(accepted)) or "none"
+            raise ValueError(f"{DATA_FLAGS[key]}: dataset {args.task!r} has no such option (its data options: {takes})")
+    return options
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from liere.analysis import position_metrics
+from liere.weight_decay import no_weight_decay_names
 from models.blocks import is_sharded
 from train import checkpoint, dcp_checkpoint, distributed
 from train import run_dir as layout
@@ -135,8 +136,9 @@ def silent_ranks(rank: int, world: int, step: int, grace_s: float) -> list[int] 
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay for weight matrices; none for biases, norms and ``model.no_weight_decay()`` names."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    """AdamW groups: decay for weight matrices; none for biases, norms, position encodings' parameters
+    (``liere.no_weight_decay_names``) and ``model.no_weight_decay()`` names."""
+    skip = no_weight_decay_names(model) | (set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set())
     named = dict(model.named_parameters())
     if unknown := skip - named.keys():
         raise ValueError(f"model.no_weight_decay() names unknown parameters: {sorted(unknown)}")

@@ -80,11 +80,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    """Model size, data size and budget at one scale. ``max_grid`` caps patches per axis (patch-size choice)."""
+    """Model size and budget at one scale (each dataset declares its data sizes per preset:
+    ``train.data.Source.preset_options``). ``max_grid`` caps patches per axis (patch-size choice)."""
 
     vit: dict[str, Any]
     lm: dict[str, Any]
-    data: dict[str, dict[str, Any]]
     max_grid: int
     training: dict[str, Any]
 
@@ -93,8 +93,6 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         vit=dict(dim=64, depth=2, heads=1, weight_init="xavier"),  # one 64-wide head: the defaults include liere64
         lm=dict(dim=64, depth=2, heads=1, context=32),
-        data=dict(arrow=dict(image_size=32, grid=4, num_train=256, num_val=128, num_test=128),
-                  clips3d=dict(frames=4, size=16)),
         max_grid=4,
         training=dict(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=15, eval_samples=256,
                       ckpt_every=15, log_every=5),
@@ -105,8 +103,6 @@ PRESETS: dict[str, Preset] = {
         # (RESULTS.md, "Stability"); with xavier each of them solves arrow on every seed tried.
         vit=dict(dim=64, depth=4, heads=1, weight_init="xavier"),
         lm=dict(dim=64, depth=4, heads=1, context=128),
-        data=dict(arrow=dict(image_size=48, grid=6, num_train=8000, num_val=500, num_test=1000),
-                  clips3d=dict(frames=8, size=32)),
         max_grid=8,
         # lr 1e-3: at 2e-3 fixed axial RoPE stalls near chance on arrow in most seeds (RESULTS.md, "Stability")
         training=dict(steps=600, batch_size=64, lr=1e-3, warmup_steps=50, eval_every=100, eval_samples=1000,
@@ -115,8 +111,6 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         vit=dict(dim=384, depth=6, heads=6),
         lm=dict(dim=384, depth=6, heads=6, context=256),
-        data=dict(arrow=dict(image_size=108, grid=9, num_train=50000, num_val=2000, num_test=5000),
-                  clips3d=dict(frames=16, size=64)),
         max_grid=16,
         training=dict(steps=5000, batch_size=256, lr=5e-4, warmup_steps=250, eval_every=500, eval_samples=5000,
                       ckpt_every=500, log_every=20),
@@ -124,8 +118,6 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(  # ViT-B on the paper's 108 px / 9x9 / 12 px-cell arrow task
         vit=dict(size="base"),
         lm=dict(dim=768, depth=12, heads=12, context=512),
-        data=dict(arrow=dict(image_size=108, grid=9, num_train=100000, num_val=5000, num_test=10000),
-                  clips3d=dict(frames=16, size=112)),
         max_grid=16,
         training=dict(steps=40000, batch_size=256, lr=1e-4, warmup_steps=2000, eval_every=2000, eval_samples=10000,
                       ckpt_every=1000, log_every=50),
@@ -138,9 +130,16 @@ def default_patch(spatial: tuple[int, ...], max_grid: int) -> tuple[int, ...]:
     return tuple(next(p for p in range(1, s + 1) if s % p == 0 and s // p <= max_grid) for s in spatial)
 
 
-def preset_config(preset: str, task: str, weight_init: str | None = None, **overrides: Any) -> RunConfig:
-    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored)
-    and ``weight_init`` the model's init scheme (``models.blocks.WEIGHT_INITS``).
+def preset_config(
+    preset: str,
+    task: str,
+    weight_init: str | None = None,
+    data_overrides: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> RunConfig:
+    """The ``RunConfig`` of ``preset`` for ``task``; ``overrides`` replace fields (``None`` values are ignored),
+    ``data_overrides`` the dataset's options at this preset (``train.data.preset_options``) and ``weight_init``
+    the model's init scheme (``models.blocks.WEIGHT_INITS``).
 
     Image patch sizes are chosen later, from the loaded data's shape (``patch_size`` in ``model_options``
     when the preset or the dataset fixes it: ``train.data.model_defaults``, e.g. the arrow task's cell size).
@@ -148,7 +147,7 @@ def preset_config(preset: str, task: str, weight_init: str | None = None, **over
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    data_options = dict(p.data.get(task, {}))
+    data_options = data.preset_options(task, preset) | (data_overrides or {})
     model_options = dict(p.lm if is_text(task) else p.vit) | data.model_defaults(task, data_options)
     if weight_init is not None:
         model_options["weight_init"] = weight_init

@@ -147,6 +147,9 @@ class AbResults:
     threads: int | None = None
     jobs: int = 1
     cpu: str | None = None
+    data_sizes: dict[str, int] = field(default_factory=dict)  # train/val/test, counted in data_unit
+    data_unit: str = ""  # "images" or "chars" (char-level text: one token per character)
+    scored: dict[str, Any] = field(default_factory=dict)  # train.ab.report.scored_counts
     summary: list[dict[str, Any]] = field(default_factory=list)
     table: str = ""
 

@@ -309,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="1,2,4", help="context multiples for text (default: 1,2,4)")
     p.add_argument("--eval-samples", type=int, help="test examples (tokens for text); default: the run's eval_samples")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--reference", help="reference encoding of the rebuilt report (default: best by mean)")
+    p.add_argument("--reference", help=f"reference encoding of the rebuilt report (default: {report.REFERENCE_HELP})")
     cli.add_common_options(p)
     return p
 

@@ -112,15 +112,23 @@ def _correctness(path: Path) -> torch.Tensor:
     return value
 
 
-def resolve_reference(rows: Sequence[Row], reference: str | None, higher_is_better: bool) -> str | None:
-    """``reference`` when it is one of the encodings, else (None) the best encoding by mean (None if all diverged)."""
-    names = [r.encoding for r in rows]
-    if reference is not None and reference not in names:
-        raise ValueError(f"--reference: {reference!r} is not one of the encodings {names}")
-    scored = [r for r in rows if r.mean is not None]
-    if reference is not None or not scored:
-        return reference
-    return (max if higher_is_better else min)(scored, key=lambda r: r.mean).encoding
+REFERENCE_HELP = "rope for text, axial-rope for images, else the first encoding"
+
+
+def default_reference(task: str, encodings: Sequence[str]) -> str:
+    """The fixed baseline the paired tests compare against: ``rope`` for text (1D), ``axial-rope`` for images and
+    clips; the first encoding when the baseline is not among ``encodings``."""
+    baseline = "rope" if data.is_text(task) else "axial-rope"
+    return baseline if baseline in encodings else encodings[0]
+
+
+def resolve_reference(task: str, encodings: Sequence[str], reference: str | None) -> str:
+    """``reference`` when it is one of ``encodings`` (else ``ValueError``); None: ``default_reference``."""
+    if reference is None:
+        return default_reference(task, encodings)
+    if reference not in encodings:
+        raise ValueError(f"--reference: {reference!r} is not one of the encodings {list(encodings)}")
+    return reference
 
 
 def _row(encoding: str, mine: Sequence[AbRun]) -> Row:
@@ -147,7 +155,7 @@ def summarize(results: AbResults, root: str | Path, reference: str | None = None
     """Per encoding (main-fraction runs): a ``Row`` with the paired tests against the reference filled in."""
     root, runs = Path(root), results.main_runs()
     rows = [_row(e, sorted((r for r in runs if r.encoding == e), key=lambda r: r.seed)) for e in results.encodings]
-    ref_name = resolve_reference(rows, reference, results.higher_is_better)
+    ref_name = resolve_reference(results.task, results.encodings, reference)
     ref = next((r for r in rows if r.encoding == ref_name), None)
     for row in rows:
         row.step_time_ratio = row.step_time_ms / rows[0].step_time_ms
@@ -214,7 +222,7 @@ def main_table(rows: Sequence[Row], metric: str, memory_kind: str) -> str:
     return markdown_table(header, body, "lrrrrrrrrr")
 
 
-def _evaluations(root: Path, runs: Sequence[AbRun]) -> dict[str, list[dict[str, Any]]]:
+def run_evaluations(root: Path, runs: Sequence[AbRun]) -> dict[str, list[dict[str, Any]]]:
     """Per encoding, the ``evaluation.json`` contents of its runs that have one."""
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
@@ -359,16 +367,18 @@ def extrapolation_sections(
     return sections
 
 
-def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
-    """Bits per character vs evaluation length (multiple of the training context): table and line plot."""
+def length_section(evals: dict[str, list[dict[str, Any]]], root: Path, test_tokens: int | None = None) -> str | None:
+    """Bits per character vs evaluation length (multiple of the training context): table and line plot;
+    ``test_tokens``: the tokens the main table's test bpc scores (to explain why its 1x value differs)."""
     records = per_encoding(evals, lambda x: x.get("length"))
     if not records:
         return None
     sample = next(iter(records.values()))[0]
     multiples, lengths = [r["multiple"] for r in sample], {r["multiple"]: r["length"] for r in sample}
+    scored = {r["multiple"]: r["tokens"] for r in sample}
     cis = _grouped(records, lambda r: r["multiple"], "bpc")
     table = markdown_table(
-        ["encoding", *(f"{m}x ({lengths[m]} tokens)" for m in multiples)],
+        ["encoding", *(f"{m}x ({lengths[m]}-token windows, {scored[m]} tokens)" for m in multiples)],
         [[e, *(c[m].format(3) for m in multiples)] for e, c in cis.items()],
         "l" + "r" * len(multiples),
     )
@@ -381,7 +391,17 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | 
         xticklabels={m: f"{m}x" for m in multiples},
         log_x=True,
     )
-    intro = "Test bits per character (lower is better) in windows of 1x, 2x, ... the training context."
+    intro = (
+        "Test bits per character (lower is better) in windows of 1x, 2x, ... the training context. Every length "
+        "scores the same first test tokens, cut to whole windows of the longest length"
+    )
+    if test_tokens is not None and test_tokens != scored[multiples[0]]:
+        intro += (
+            f"; the main table's test bpc scores {test_tokens} tokens (the first `eval_samples` test tokens, in "
+            f"windows of the training context), so its value differs from the 1x column here, which scores "
+            f"{scored[multiples[0]]}"
+        )
+    intro += "."
     return _section("Length extrapolation", intro, table, "length.png", "length extrapolation")
 
 
@@ -436,14 +456,38 @@ def _machine(results: AbResults) -> str:
     return f"- device: {results.device} (world size {results.world_size}){cpu}{threads}, torch {results.torch_version}"
 
 
+def scored_counts(results: AbResults, evals: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """What the test numbers score: ``{"test": n}`` (images, or tokens for text: the first ``eval_samples`` of the
+    test split, at most all of it; a text split of T chars has T - 1 next-char targets) and, with a length
+    evaluation, ``{"length": {multiple: tokens}}`` (the same tokens at every length); empty without split sizes."""
+    if not results.data_sizes:
+        return {}
+    text, limit = results.data_unit == "chars", results.base_config.get("eval_samples", results.data_sizes["test"])
+    counts: dict[str, Any] = {"test": min(results.data_sizes["test"] - text, limit)}
+    length = next((e["length"] for runs in evals.values() for e in runs if e.get("length")), None)
+    if length:
+        counts["length"] = {str(r["multiple"]): r["tokens"] for r in length}
+    return counts
+
+
+def _data_line(results: AbResults, counts: dict[str, Any]) -> str:
+    """The split sizes and how much of the test split the test metric scores (empty for older results)."""
+    if not counts:
+        return ""
+    unit = "characters (one token each)" if results.data_unit == "chars" else results.data_unit
+    sizes = " / ".join(f"{split} {n}" for split, n in results.data_sizes.items())
+    what = "tokens, in windows of the training context" if results.data_unit == "chars" else results.data_unit
+    return f"\n- splits: {sizes} {unit}; the test metric scores the first {counts['test']} test {what}"
+
+
 def _per_seed(r: Row, scale: float, digits: int) -> str:
     if r.diverged:
         return "diverged in seed(s) " + ", ".join(map(str, r.diverged))
     return ", ".join(f"s{s} {scale * v:.{digits}f}" for s, v in zip(r.seeds, r.values, strict=True))
 
 
-def _head(results: AbResults, rows: Sequence[Row]) -> list[str]:
-    """Title, settings, main table and per-seed values."""
+def _head(results: AbResults, rows: Sequence[Row], counts: dict[str, Any]) -> list[str]:
+    """Title, settings (with the split sizes), main table and per-seed values."""
     metric, seeds = results.metric, results.seeds
     scale, digits, unit = metric_format(metric)
     per_seed = "\n".join(f"- {r.encoding}: " + _per_seed(r, scale, digits) for r in rows)
@@ -451,7 +495,7 @@ def _head(results: AbResults, rows: Sequence[Row]) -> list[str]:
     mcnemar = "; McNemar over the pooled test examples of those seeds." if paired else "."
     return [
         f"# A/B report: {results.task}",
-        f"- task: `{results.task}`, data: {results.data_source}\n{_machine(results)}\n"
+        f"- task: `{results.task}`, data: {results.data_source}{_data_line(results, counts)}\n{_machine(results)}\n"
         f"- training: {_settings(results)}\n- seeds: {seeds}, wall time {results.wall_time_s:.0f} s",
         "## Main result",
         f"Test {metric}{unit}: mean [95% bootstrap CI] over {len(seeds)} seed(s). Paired tests against the reference "
@@ -483,14 +527,15 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
     root = Path(root)
     results = AbResults.load(root)
     rows = summarize(results, root, reference)
-    parts = [*_head(results, rows), _final_plot(results, rows, root)]
+    evals = run_evaluations(root, results.main_runs())
+    counts = scored_counts(results, evals)
+    parts = [*_head(results, rows, counts), _final_plot(results, rows, root)]
     if (root / layout.CURVES).is_file():
         parts.append(f"![learning curves]({layout.CURVES})")
-    evals = _evaluations(root, results.main_runs())
     parts += [
         shuffle_section(evals, root, chance_level(results)),
         *extrapolation_sections(evals, root, chance_level(results), rows[0].reference if rows else None),
-        length_section(evals, root),
+        length_section(evals, root, counts.get("test")),
         fraction_section(results, root),
         inspect.section(root),
     ]
@@ -500,7 +545,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m train.ab.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="A/B run folder (with results.json)")
-    p.add_argument("--reference", help="encoding the paired tests compare against (default: best by mean)")
+    p.add_argument("--reference", help=f"encoding the paired tests compare against (default: {REFERENCE_HELP})")
     cli.add_common_options(p)
     args = p.parse_args(argv)
     path = write_report(args.run_dir, args.reference)

@@ -7,10 +7,11 @@
 
 Prints a markdown table (encoding, parameters, final test metric as mean [95% bootstrap CI] over seeds,
 Δ and paired p-values against a reference encoding, step time and its ratio to the first encoding) and
-writes into the run folder: ``results.md`` (the table), ``results.json`` (configs, per-seed metrics, data
-source, device, versions, wall time and, per run, the relative paths of its folder, checkpoint and metrics
-log plus the model spec that rebuilds it: ``train.checkpoint.load_model(folder / run["checkpoint"])``),
-``report.md`` (``train.ab.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
+writes into the run folder: ``results.md`` (the table), ``results.json`` (configs, per-seed metrics, split
+sizes (``data_sizes``) and the test examples or tokens scored (``scored``), data source, device, versions,
+wall time and, per run, the relative paths of its folder, checkpoint and metrics log plus the model spec that
+rebuilds it: ``train.checkpoint.load_model(folder / run["checkpoint"])``), ``report.md``
+(``train.ab.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
 (encoding, seed[, fraction]) run holding ``evaluation.json`` / ``test_correct.pt`` (``train.ab.evaluate``).
 """
 
@@ -152,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
         help="train every encoding on these fractions of the training set, e.g. 0.1,0.3,1.0 (seeded,\n"
         "nested subsets, the same for every encoding); the main table uses the largest (default: 1.0)",
     )
-    p.add_argument("--reference", help="encoding the paired tests compare against (default: the best by mean)")
+    p.add_argument("--reference", help=f"encoding the paired tests compare against (default: {report.REFERENCE_HELP})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.add_argument(
         "--jobs",
@@ -246,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
     fractions = sorted(set(evaluate.parse_list(args.data_fractions, "--data-fractions")))
     if fractions[-1] > 1:
         raise ValueError(f"--data-fractions: fractions must be in (0, 1], got {args.data_fractions!r}")
-    if args.reference is not None and args.reference not in encodings:
-        raise ValueError(f"--reference: {args.reference!r} is not one of the encodings {encodings}")
+    report.resolve_reference(args.task, encodings, args.reference)  # a bad --reference fails before training
     base = preset_config(
         args.preset,
         args.task,
@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> AbResults:
         rows = report.summarize(results, out, args.reference)
         results.summary = [row.to_dict() for row in rows]
         results.table = report.main_table(rows, results.metric, results.runs[0].peak_memory_kind)
+        results.scored = report.scored_counts(results, report.run_evaluations(out, results.main_runs()))
         _write(out, results, args.reference)
     return results
 
@@ -430,6 +431,8 @@ def _run_all(
         threads=torch.get_num_threads(),
         jobs=workers,
         cpu=machine.cpu_model(),
+        data_sizes=data.split_sizes(task.splits),
+        data_unit=data.size_unit(task.splits),
     )
 
 

@@ -15,12 +15,14 @@ from train.data.hub import Hub
 from train.data.registry import (
     DATASETS,
     DEFAULT_DATASET,
+    data_options,
     extrapolation_set,
     extrapolation_titles,
     help_lines,
     is_text,
     load_dataset,
     model_defaults,
+    preset_options,
     source,
 )
 from train.data.source import Extrapolation, Source
@@ -31,6 +33,8 @@ from train.data.splits import (
     TextSplits,
     char_batches,
     describe,
+    size_unit,
+    split_sizes,
     text_splits,
 )
 
@@ -45,6 +49,7 @@ __all__ = [
     "TensorImageDataset",
     "TextSplits",
     "char_batches",
+    "data_options",
     "default_root",
     "describe",
     "extrapolation_set",
@@ -53,6 +58,9 @@ __all__ = [
     "is_text",
     "load_dataset",
     "model_defaults",
+    "preset_options",
+    "size_unit",
+    "split_sizes",
     "source",
     "text_splits",
 ]

@@ -166,11 +166,6 @@ def load(
     return generated_splits("arrow", generate, len(DIRECTIONS), root, seed, sizes, image_size=image_size, grid=grid)
 
 
-def load_small(root: Path, seed: int, *, image_size: int = 48, grid: int = 6, **counts: int) -> ImageSplits:
-    """The arrow task at 48 px on a 6 x 6 grid (8 px cells)."""
-    return load(root, seed, image_size=image_size, grid=grid, **counts)
-
-
 def canvas(image_size: int, grid: int) -> Extrapolation:
     """Test sets on a canvas of ``round(grid * factor)`` cells of the trained cell size (``image_size`` and
     ``grid`` are the defaults the data options override)."""
@@ -193,10 +188,13 @@ def one_patch_per_cell(image_size: int, grid: int) -> Callable[[dict[str, Any]],
 
 
 SOURCE = Source(
-    "arrow", "image", load, "the LieRE paper's spatial-reasoning task (108 px, 9x9 cells of 12 px); generated",
+    "arrow", "image", load,
+    "the LieRE paper's spatial-reasoning task; generated: 48 px, 6x6 cells (cpu preset), 108 px, 9x9 (gpu, paper)",
     offline="generated", model_defaults=one_patch_per_cell(108, 9), extrapolation=canvas(108, 9),
-)  # fmt: skip
-SMALL = Source(
-    "arrow-small", "image", load_small, "the arrow task at 48 px (6x6 cells of 8 px); generated",
-    offline="generated", model_defaults=one_patch_per_cell(48, 6), extrapolation=canvas(48, 6),
+    preset_options={
+        "smoke": dict(image_size=32, grid=4, num_train=256, num_val=128, num_test=128),
+        "cpu": dict(image_size=48, grid=6, num_train=8000, num_val=500, num_test=1000),
+        "gpu": dict(image_size=108, grid=9, num_train=50000, num_val=2000, num_test=5000),
+        "paper": dict(image_size=108, grid=9, num_train=100000, num_val=5000, num_test=10000),
+    },
 )  # fmt: skip

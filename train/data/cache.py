@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from train import torch_files
-from train.checkpoint import checksum
 from train.data.splits import ImageSplits, TensorImageDataset
+from train.hashing import checksum
 from train.run_dir import alive, writing
 
 CACHE_VERSION = 1  # bump when a generator or a conversion changes, to invalidate caches

@@ -100,4 +100,6 @@ def tubelets(options: dict[str, Any]) -> dict[str, Any]:
 SOURCE = Source(
     "clips3d", "video", load, "one shape moving in a straight line: 16 (shape, motion) classes; generated",
     offline="generated", model_defaults=tubelets,
+    preset_options={"smoke": dict(frames=4, size=16), "cpu": dict(frames=8, size=32), "gpu": dict(frames=16, size=64),
+                    "paper": dict(frames=16, size=112)},
 )  # fmt: skip

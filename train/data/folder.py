@@ -51,6 +51,6 @@ def load(
 
 
 SOURCE = Source(
-    "folder", "image", load, "a local image folder, one subfolder per class (resized to 64 px)",
+    "folder", "image", load, "a local image folder, one subfolder per class (resized to 64 px; --image-size)",
     offline="local folder", takes_path=True,
 )  # fmt: skip

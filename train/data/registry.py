@@ -22,7 +22,6 @@ DATASETS: dict[str, Source] = {
     s.name: s
     for s in (
         arrow.SOURCE,
-        arrow.SMALL,
         fashion_mnist.SOURCE,
         hub.CIFAR10,
         hub.CIFAR100,
@@ -74,6 +73,14 @@ def help_lines() -> str:
     return "\n".join(lines)
 
 
+def data_options(name: str) -> set[str] | None:
+    """The data options the dataset's loader takes (e.g. ``image_size``, ``fractions``); None if open-ended."""
+    parameters = inspect.signature(source(name).load).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters) - {"root", "seed", "path"}
+
+
 def load_dataset(
     name: str = DEFAULT_DATASET, *, root: str | Path | None = None, seed: int = 0, **options: Any
 ) -> ImageSplits | TextSplits:
@@ -84,10 +91,8 @@ def load_dataset(
     data. Raises ``DatasetUnavailable`` with one line saying what to do when no source can be reached.
     """
     found, path = source(name), name.partition(":")[2]
-    parameters = inspect.signature(found.load).parameters
-    accepted = set(parameters) - {"root", "seed", "path"}
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    if not open_ended and (unknown := sorted(set(options) - accepted)):
+    accepted = data_options(name)
+    if accepted is not None and (unknown := sorted(set(options) - accepted)):
         raise ValueError(f"dataset {name!r}: unknown data options {unknown}; it takes {sorted(accepted)}")
     if path:
         options["path"] = path
@@ -122,3 +127,8 @@ def extrapolation_set(
     label = info.pop("label")
     print(f"[data] {name} {label} (extrapolation test set, factor {factor:g}): {len(test)} images", flush=True)
     return test, {"kind": extrapolation.kind, **info}
+
+
+def preset_options(name: str, preset: str) -> dict[str, Any]:
+    """The dataset's data options at ``preset``'s scale (``Source.preset_options``; empty if it sets none)."""
+    return dict(source(name).preset_options.get(preset, {}))

@@ -4,7 +4,7 @@ model defaults) and, optionally, an ``Extrapolation`` (a larger test set of the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +38,9 @@ class Source:
     from without network (empty: only from the Hugging Face hub). ``takes_path`` sources are named
     ``name:PATH``. ``debian_packages`` are what ``python -m train.data install NAME`` installs.
     ``model_defaults(options)`` gives model options implied by the data options (the arrow task: one patch
-    per cell).
+    per cell). ``preset_options`` are the data options at each training preset's scale (``train.presets``:
+    ``smoke``, ``cpu``, ``gpu``, ``paper``), e.g. the arrow task's image size and split sizes; command-line data
+    options override them.
     """
 
     name: str
@@ -50,3 +52,4 @@ class Source:
     debian_packages: tuple[str, ...] = ()
     model_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     extrapolation: Extrapolation | None = None
+    preset_options: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -107,10 +107,19 @@ def char_batches(
     return window[:, :-1], window[:, 1:]
 
 
+def split_sizes(splits: ImageSplits | TextSplits) -> dict[str, int]:
+    """``{"train": n, "val": n, "test": n}``: images (or clips), or characters (= tokens) for text."""
+    return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
+
+
+def size_unit(splits: ImageSplits | TextSplits) -> str:
+    """What ``split_sizes`` counts: ``"chars"`` (char-level text: one token per character) or ``"images"``."""
+    return "chars" if isinstance(splits, TextSplits) else "images"
+
+
 def describe(splits: ImageSplits | TextSplits) -> str:
     """One line: source and split sizes."""
+    sizes = "/".join(str(n) for n in split_sizes(splits).values())
     if isinstance(splits, TextSplits):
-        sizes = "/".join(str(len(t)) for t in (splits.train, splits.val, splits.test))
         return f"{splits.source}: {sizes} chars (train/val/test), vocab {len(splits.vocab)}"
-    sizes = "/".join(str(len(d)) for d in (splits.train, splits.val, splits.test))
     return f"{splits.source}: {sizes} images {splits.image_shape} (train/val/test), {splits.num_classes} classes"
