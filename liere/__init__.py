@@ -11,6 +11,7 @@ from liere.comrope import ComRoPE
 from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
+from liere.extension import ExtendedEncoding, extend
 from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.lie import LieRE
 from liere.rope import AxialRoPE, RoPE, RoPEMixed
@@ -26,6 +27,7 @@ __all__ = [
     "CirculantSTRING",
     "ComRoPE",
     "EncodingInfo",
+    "ExtendedEncoding",
     "Grid",
     "LearnedAbsolute",
     "LieRE",
@@ -40,6 +42,7 @@ __all__ = [
     "available",
     "build",
     "encoding_info",
+    "extend",
     "grid_coords",
     "register",
     "rotary_attention",
