@@ -279,12 +279,16 @@ def extension_length_eval(
     the same tokens as ``length_eval`` scores."""
     unit = math.lcm(*multiples) * context
     span = min(len(tokens) - 1, max(limit, 8 * max(multiples) * context)) // unit * unit
-    records = []
+    records, trained = [], None
     for method in extension_methods(model, methods):
         for multiple in multiples:
+            if multiple == 1 and trained is not None:  # every rule is the identity at the trained length
+                records.append(trained | {"method": method})
+                continue
             extended = with_extension(model, method, multiple, [context]).to(device)
             (record,) = length_eval(extended, tokens, multiple * context, [1], device, span)
             records.append({"method": method, "multiple": multiple, "length": record["length"], "bpc": record["bpc"]})
+            trained = records[-1] if multiple == 1 else trained
     return records
 
 
