@@ -11,6 +11,7 @@ from liere.comrope import ComRoPE
 from liere.coords import Grid, grid_coords
 from liere.encoding import PositionEncoding
 from liere.expm import skew_expm, skew_expm_progression
+from liere.extension import ExtendedEncoding, extend
 from liere.factory import EncodingInfo, available, build, encoding_info, register
 from liere.frozen import freeze, unfreeze
 from liere.lie import LieRE
@@ -29,6 +30,7 @@ __all__ = [
     "CirculantSTRING",
     "ComRoPE",
     "EncodingInfo",
+    "ExtendedEncoding",
     "Grid",
     "LearnedAbsolute",
     "LieRE",
@@ -43,6 +45,7 @@ __all__ = [
     "available",
     "build",
     "encoding_info",
+    "extend",
     "freeze",
     "grid_coords",
     "multimodal_positions",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
+from liere import RoPE
 from models.lm import CharLM
 from models.vit import ViT
 from train.ab import evaluate
@@ -111,3 +113,46 @@ def test_options_fail_clearly():
         evaluate.parse_evaluations("length", "arrow")
     assert evaluate.parse_evaluations("default", "austen") == ["length"]
     assert evaluate.parse_evaluations("none", "arrow") == []
+
+
+def test_extension_length_eval_none_is_length_eval_and_methods_differ_beyond_the_context():
+    torch.manual_seed(0)
+    model = CharLM(11, context=8, encoding="rope", dim=16, depth=1, heads=1).eval()
+    tokens = torch.randint(11, (400,))
+    plain = evaluate.length_eval(model, tokens, 8, [1, 2, 4], CPU, limit=300)
+    records = evaluate.extension_length_eval(model, tokens, 8, [1, 2, 4], CPU, limit=300)
+    bpc = {(r["method"], r["multiple"]): r["bpc"] for r in records}
+    assert {m for m, _ in bpc} == set(evaluate.EXTENSION_METHODS)
+    assert [bpc["none", m] for m in (1, 2, 4)] == [r["bpc"] for r in plain]
+    for method in evaluate.EXTENSION_METHODS:  # at the trained length every rule is the identity
+        assert bpc[method, 1] == pytest.approx(bpc["none", 1], abs=1e-5)
+    interpolated = copy.deepcopy(model)
+    interpolated.encoding = RoPE(model.encoding.head_dim, interpolate_factor=4.0)  # PI = positions / 4
+    (want,) = evaluate.length_eval(interpolated, tokens, 32, [1], CPU, limit=288)
+    assert bpc["pi", 4] == pytest.approx(want["bpc"], abs=1e-5)
+
+
+def test_extension_of_a_non_rotary_model_evaluates_none_only():
+    torch.manual_seed(0)
+    model = CharLM(11, context=8, encoding="none", dim=16, depth=1, heads=1).eval()
+    records = evaluate.extension_length_eval(model, torch.randint(11, (200,)), 8, [1, 2], CPU, limit=100)
+    assert [r["method"] for r in records] == ["none", "none"]
+
+
+def test_extension_canvas_eval_on_arrow(tmp_path):
+    config = preset_config("smoke", "arrow")
+    shape = load_task(config).splits.test[0][0].shape
+    torch.manual_seed(0)
+    model = ViT(shape, 8, 8, encoding="liere8", dim=16, depth=1, heads=1, coord_scale="stretch").eval()
+    grid = [s // 8 for s in shape[1:]]
+    records = evaluate.extension_canvas_eval(model, config, grid, CPU, 16, [2.0], ["none", "yarn"])
+    assert [(r["method"], r["factor"], r["kind"]) for r in records] == [
+        ("none", 2.0, "canvas"),
+        ("yarn", 2.0, "canvas"),
+    ]
+    assert model.coord_scale == "stretch"  # evaluated in index coordinates, the model's own mode restored
+
+
+def test_unknown_extension_method_fails_clearly():
+    with pytest.raises(ValueError, match="--extend: unknown method 'rope'; choose from none, pi, ntk, yarn, dynamic"):
+        evaluate.extension_parameters("rope", 2.0, 8)

@@ -108,3 +108,17 @@ def test_text_run_reports_length_extrapolation(tmp_path):
     assert all((out / link).is_file() for link in linked_pngs(text)) and "length.png" in linked_pngs(text)
     records = json.loads((out / "rope-s0" / report.EVALUATION_FILE).read_text())["length"]
     assert [r["multiple"] for r in records] == [1, 2, 4]
+
+
+def test_extension_section_pairs_each_method_with_none(tmp_path):
+    def run(seed: int) -> dict:
+        records = []
+        for method, slope in (("none", 0.3), ("yarn", 0.1)):
+            records += [{"method": method, "multiple": m, "length": 8 * m, "bpc": 2 + slope * m + 0.01 * seed}
+                        for m in (1, 2, 4)]  # fmt: skip
+        return {"extension": records, "seed": seed}
+
+    text = report.extension_section({"rope": [run(s) for s in range(4)]}, tmp_path)
+    assert "## Test-time extension" in text and "| rope | yarn |" in text and "4x context" in text
+    assert "(p 0.125)" in text  # 4 seeds, all better: the smallest two-sided sign-flip p-value, 2 / 2^4
+    assert (tmp_path / "extension.png").stat().st_size > 0

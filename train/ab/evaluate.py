@@ -12,6 +12,7 @@ folders can be evaluated too.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from liere import extension
 from models.vit import COORD_SCALES
 from train import checkpoint, cli, data, torch_files
 from train import run_dir as layout
@@ -33,7 +35,8 @@ from train.presets import RunConfig, is_text
 from train.summaries import AbResults, RunSummary
 from train.tasks import Task, _generator, autocast, load_task
 
-EVALUATIONS = ("shuffle", "extrapolate", "length")
+EVALUATIONS = ("shuffle", "extrapolate", "length", "extension")
+EXTENSION_METHODS = ("none", "pi", "ntk", "yarn", "dynamic")
 DEFAULT_FACTORS = (1.0, 1.5, 2.0)
 DEFAULT_MULTIPLES = (1, 2, 4)
 
@@ -54,7 +57,7 @@ def parse_evaluations(text: str, task: str) -> list[str]:
     if text == "default":
         return ["length"] if is_text(task) else ["shuffle", "extrapolate"]
     names = [] if text == "none" else [n.strip() for n in text.split(",") if n.strip()]
-    allowed = ("length",) if is_text(task) else ("shuffle", "extrapolate")
+    allowed = ("length", "extension") if is_text(task) else ("shuffle", "extrapolate", "extension")
     if bad := [n for n in names if n not in allowed]:
         raise ValueError(f"--evaluate: {bad} do not apply to task {task!r}; choose from {allowed} or 'none'")
     return names
@@ -234,6 +237,84 @@ def length_eval(
     return records
 
 
+# ---------------------------------------------------------------- extension at test time
+
+
+def extension_parameters(method: str, factor: float, original: int) -> dict[str, Any] | None:
+    """Hugging Face ``rope_parameters`` of extension ``method`` for ``factor`` times the trained extent ``original``
+    (None for ``none``): ``pi`` = linear, ``ntk`` = NTK-aware base ``theta * factor ** (d / (d - 2))`` (``dynamic``
+    with factor 1 at the extended length), ``yarn``, ``dynamic`` = dynamic NTK with factor 2."""
+    if method not in EXTENSION_METHODS:
+        raise ValueError(f"--extend: unknown method {method!r}; choose from {', '.join(EXTENSION_METHODS)}")
+    return {
+        "none": None,
+        "pi": {"rope_type": "linear", "factor": float(factor)},
+        "ntk": {"rope_type": "dynamic", "factor": 1.0, "original_max_position_embeddings": original},
+        "yarn": {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original},
+        "dynamic": {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": original},
+    }[method]
+
+
+def extension_methods(model: nn.Module, methods: Sequence[str]) -> list[str]:
+    """``methods`` if ``model.encoding`` is rotary, else ``["none"]`` (nothing to extend)."""
+    return list(methods) if extension.is_rotary(model.encoding) else ["none"]
+
+
+def with_extension(model: nn.Module, method: str, factor: float, originals: Sequence[int]) -> nn.Module:
+    """``model`` with its encoding extended by ``method`` (per axis: ``factor`` x ``originals[axis]``)."""
+    params = [extension_parameters(method, factor, o) for o in originals]
+    if params[0] is None:
+        return model
+    extended = copy.copy(model)
+    extended._modules = dict(model._modules) | {"encoding": extension.extend(model.encoding, params)}
+    return extended
+
+
+@torch.no_grad()
+def extension_length_eval(
+    model: nn.Module, tokens: Tensor, context: int, multiples: Sequence[int], device: torch.device, limit: int,
+    methods: Sequence[str] = EXTENSION_METHODS,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """``length_eval`` with the encoding extended by each method to each multiple of the training ``context``, over
+    the same tokens as ``length_eval`` scores."""
+    unit = math.lcm(*multiples) * context
+    span = min(len(tokens) - 1, max(limit, 8 * max(multiples) * context)) // unit * unit
+    records, trained = [], None
+    for method in extension_methods(model, methods):
+        for multiple in multiples:
+            if multiple == 1 and trained is not None:  # every rule is the identity at the trained length
+                records.append(trained | {"method": method})
+                continue
+            extended = with_extension(model, method, multiple, [context]).to(device)
+            (record,) = length_eval(extended, tokens, multiple * context, [1], device, span)
+            records.append({"method": method, "multiple": multiple, "length": record["length"], "bpc": record["bpc"]})
+            trained = records[-1] if multiple == 1 else trained
+    return records
+
+
+def extension_canvas_eval(
+    model: nn.Module, config: RunConfig, grid: Sequence[int], device: torch.device, limit: int,
+    factors: Sequence[float], methods: Sequence[str] = EXTENSION_METHODS,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Accuracy on the dataset's own larger-canvas test sets (``index`` coordinates) with the encoding extended by
+    each method per axis from the trained patch ``grid``; [] for datasets without such sets."""
+    records, original = [], model.coord_scale
+    model.coord_scale = "index"
+    try:
+        for factor in factors:
+            found = data.extrapolation_set(config.task, config.data_options, factor, seed=config.data_seed)
+            if found is None:
+                return []
+            test, info = found
+            for method in extension_methods(model, methods):
+                extended = with_extension(model, method, factor, grid)
+                accuracy = correct_predictions(extended, test, device, limit).float().mean().item()
+                records.append({"method": method, "factor": factor, "kind": info["kind"], "accuracy": accuracy})
+    finally:
+        model.coord_scale = original
+    return records
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -245,6 +326,7 @@ def evaluate_run(
     factors: Sequence[float] = DEFAULT_FACTORS,
     multiples: Sequence[int] = DEFAULT_MULTIPLES,
     device: torch.device | str = "cpu",
+    methods: Sequence[str] = EXTENSION_METHODS,
 ) -> dict[str, Any]:
     """Run ``evaluations`` on a trained model; write ``evaluation.json`` (and ``test_correct.pt``) into ``run_dir``."""
     run_dir, device = Path(run_dir), torch.device(device)
@@ -254,6 +336,11 @@ def evaluate_run(
         if "length" in evaluations:
             context = task.model_spec["kwargs"]["context"]
             result["length"] = length_eval(model, task.splits.test, context, multiples, device, limit)
+        if "extension" in evaluations:
+            context = task.model_spec["kwargs"]["context"]
+            result["extension"] = extension_length_eval(
+                model, task.splits.test, context, multiples, device, limit, methods
+            )
     else:
         torch_files.save(correct_predictions(model, task.splits.test, device, limit), run_dir / layout.CORRECT)
         if "shuffle" in evaluations:
@@ -261,6 +348,9 @@ def evaluate_run(
         if "extrapolate" in evaluations:
             result["extrapolate"] = extrapolate_eval(model, task.splits.test, device, limit, factors)
             result["extrapolate"] += dataset_extrapolation_eval(model, config, device, limit, factors)
+        if "extension" in evaluations:
+            grid = [s // p for s, p in zip(task.splits.test[0][0].shape[1:], model.patch_size, strict=True)]
+            result["extension"] = extension_canvas_eval(model, config, grid, device, limit, factors, methods)
     layout.write_json(run_dir / layout.EVALUATION, result)
     return result
 
@@ -307,6 +397,11 @@ def parser() -> argparse.ArgumentParser:
                         "Default: shuffle,extrapolate for vision, length for text")  # fmt: skip
     p.add_argument("--extrapolate", default="1.0,1.5,2.0", help="image scale factors (default: 1.0,1.5,2.0)")
     p.add_argument("--lengths", default="1,2,4", help="context multiples for text (default: 1,2,4)")
+    p.add_argument(
+        "--extend",
+        default=",".join(EXTENSION_METHODS),
+        help=f"extension methods of the 'extension' evaluation (default: {','.join(EXTENSION_METHODS)})",
+    )
     p.add_argument("--eval-samples", type=int, help="test examples (tokens for text); default: the run's eval_samples")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--reference", help=f"reference encoding of the rebuilt report (default: {report.REFERENCE_HELP})")
@@ -319,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser().parse_args(argv)
     factors = parse_list(args.extrapolate, "--extrapolate")
     multiples = parse_list(args.lengths, "--lengths", int)
+    methods = [m.strip() for m in args.extend.split(",") if m.strip()]
+    for method in methods:
+        extension_parameters(method, 1.0, 1)
     device = resolve_device(args.device)
     tasks: dict[str, Task] = {}
     results = []
@@ -334,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             model = checkpoint.load_model(ckpt)
             names = parse_evaluations(args.evaluate, config.task)
             results.append(evaluate_run(model, type(task)(config, task.splits, state["model_spec"]), ckpt.parent,
-                                        names, factors, multiples, device))  # fmt: skip
+                                        names, factors, multiples, device, methods))  # fmt: skip
             print(f"[evaluate] {ckpt}: {json.dumps(results[-1])[:300]}", flush=True)
         if ab_folder is not None:
             print(f"report: {report.write_report(ab_folder, args.reference)}", flush=True)

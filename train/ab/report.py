@@ -405,6 +405,49 @@ def length_section(evals: dict[str, list[dict[str, Any]]], root: Path, test_toke
     return _section("Length extrapolation", intro, table, "length.png", "length extrapolation")
 
 
+def extension_section(evals: dict[str, list[dict[str, Any]]], root: Path) -> str | None:
+    """Test-time extension (``train.ab.evaluate`` ``extension``): the metric at each length multiple (text) or canvas
+    factor (images) per encoding x method, with the sign-flip p-value of each method against ``none`` over seeds;
+    table and one line plot (a line per encoding x method)."""
+    records = per_encoding(evals, lambda x: x.get("extension"))
+    if not records:
+        return None
+    text = "bpc" in next(iter(records.values()))[0][0]
+    size, value = ("multiple", "bpc") if text else ("factor", "accuracy")
+    sizes = sorted({r[size] for runs in records.values() for run in runs for r in run})
+    by_seed: dict[tuple[str, str], dict[Any, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for encoding, runs in records.items():
+        for seed, run in enumerate(runs):
+            for r in run:
+                by_seed[encoding, r["method"]][r[size]][seed] = r[value]
+    scale, digits = (1.0, 3) if text else (100.0, 1)
+    rows, series = [], {}
+    for (encoding, method), per_size in by_seed.items():
+        cells, cis = [], []
+        for s in sizes:
+            values = per_size.get(s, {})
+            ci = bootstrap_ci(list(values.values())) if values else None
+            cis.append(ci)
+            base = by_seed[encoding, "none"].get(s, {})
+            seeds = sorted(values.keys() & base.keys())
+            p = sign_flip_test([values[k] for k in seeds], [base[k] for k in seeds]) if method != "none" else None
+            cells.append("" if ci is None else f"{ci.format(digits, scale)}" + ("" if p is None else f" (p {_p(p)})"))
+        rows.append([encoding, method, *cells])
+        if all(ci is not None for ci in cis):
+            series[f"{encoding} {method}"] = (sizes, cis)
+    label = "x context" if text else "x canvas"
+    table = markdown_table(["encoding", "method", *(f"{s:g}{label}" for s in sizes)], rows, "ll" + "r" * len(sizes))
+    plots.ci_lines({"": series}, "evaluation size (multiple of the training size)", value, "test-time extension",
+                   root / "extension.png", xticklabels={s: f"{s:g}x" for s in sizes}, log_x=text)  # fmt: skip
+    metric = "bits per character (lower is better)" if text else "accuracy (%)"
+    intro = (
+        f"Test {metric} with the encoding's rotation frequencies rescaled at test time (`liere.extend`; none / pi = "
+        "position interpolation / ntk / yarn / dynamic NTK), mean [95% CI] over seeds; p: paired sign-flip test "
+        "against `none` at the same size."
+    )
+    return _section("Test-time extension", intro, table, "extension.png", "test-time extension")
+
+
 def fraction_section(results: AbResults, root: Path) -> str | None:
     """Metric per (encoding, training fraction) over seeds: table and line plot (absent without fractions)."""
     fractions = sorted({r.fraction for r in results.runs})
@@ -536,6 +579,7 @@ def write_report(root: str | Path, reference: str | None = None) -> Path:
         shuffle_section(evals, root, chance_level(results)),
         *extrapolation_sections(evals, root, chance_level(results), rows[0].reference if rows else None),
         length_section(evals, root, counts.get("test")),
+        extension_section(evals, root),
         fraction_section(results, root),
         inspect.section(root),
     ]
