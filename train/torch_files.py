@@ -2,7 +2,7 @@
 
 ``torch.load(weights_only=True)`` runs no code, but a small file can still describe a huge tensor: a stride-0 view
 of 2^33 elements over one stored value takes a few bytes on disk and 8 GiB once anything copies it. Every tensor a
-file holds must span no more bytes than the file itself (a tensor that was saved really is in the file).
+file holds must span no more bytes than its storage, which is in the file.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ import torch
 
 from train.run_dir import write_bytes_atomic
 
-SLACK_BYTES = 2**20  # small expanded views (a broadcast scalar) stay allowed in tiny files
-
 
 class OversizedTensor(ValueError):
-    """A tensor in a file spans more bytes than the file holds (an expanded view crafted to exhaust memory)."""
+    """A tensor in a file spans more bytes than its storage holds (an expanded view crafted to exhaust memory)."""
 
 
 def tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -37,18 +35,21 @@ def tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 def check_sizes(value: Any, path: Path) -> None:
-    """``OversizedTensor`` naming ``path`` when a tensor in ``value`` spans more bytes than ``path`` has."""
-    budget = Path(path).stat().st_size + SLACK_BYTES
+    """``OversizedTensor`` naming ``path`` when a tensor in ``value`` is not plain stored data: a sparse or other
+    non-strided layout, or a view spanning more bytes than its storage holds (an expanded, stride-0 view)."""
     for tensor in tensors(value):
-        if (size := tensor.numel() * tensor.element_size()) > budget:
+        if tensor.layout != torch.strided:
+            raise OversizedTensor(f"{path} holds a tensor with layout {tensor.layout}: not a tensor this program wrote")
+        size, stored = tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes()
+        if size > stored:
             raise OversizedTensor(
-                f"{path} holds a tensor of shape {tuple(tensor.shape)} ({size} bytes) in a file of "
-                f"{Path(path).stat().st_size} bytes: not a tensor this program wrote"
+                f"{path} holds a tensor of shape {tuple(tensor.shape)} ({size} bytes) over {stored} stored bytes: "
+                "an expanded view, not a tensor this program wrote"
             )
 
 
 def load(path: str | Path, map_location: str | torch.device | None = None) -> Any:
-    """``torch.load(path, weights_only=True)``, refusing tensors larger than the file (``OversizedTensor``)."""
+    """``torch.load(path, weights_only=True)``, refusing tensors larger than their storage (``OversizedTensor``)."""
     value = torch.load(path, map_location=map_location, weights_only=True)
     check_sizes(value, Path(path))
     return value
