@@ -226,6 +226,12 @@ def test_bad_input_raises_before_modifying(make, spec: str | None, pattern: str)
     assert not hasattr(model.config, "liere")
 
 
+def test_adapting_twice_is_refused() -> None:
+    model = adapted(tiny_model("llama"), "liere8")
+    with pytest.raises(ValueError, match="already adapted"):
+        liere_transformers(model, "rope")
+
+
 def test_unknown_architecture_is_named() -> None:
     config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(model_type 'gpt2'\) is not supported.*llama, mistral"):
