@@ -162,7 +162,7 @@ class AxialRoPE(PositionEncoding):
         *,
         sections: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(head_dim, num_axes)
+        super().__init__(head_dim=head_dim, num_axes=num_axes)
         self.sections = None if sections is None else check_sections(sections, num_axes, head_dim, rot_dim)
         if rot_dim is None:
             rot_dim = 2 * sum(self.sections) if self.sections else head_dim - head_dim % (2 * num_axes)
