@@ -68,7 +68,7 @@ def test_mrope_axial_rope_rotates_like_qwen2_vl(qwen2_vl, segments: list, merge:
     q = torch.randn(1, 2, len(positions), 16, generator=torch.Generator().manual_seed(0))
     cos, sin = rotary(q, positions.T[:, None])  # position_ids (3, batch, n)
     expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    pe = liere.AxialRoPE(16, num_axes=3, theta=10000.0, sections=(2, 3, 3))
+    pe = liere.AxialRoPE(head_dim=16, num_axes=3, theta=10000.0, sections=(2, 3, 3))
     interleave = torch.stack([torch.arange(8), torch.arange(8) + 8], -1).flatten()  # halves -> interleaved pairs
     got = pe(positions[None].float()).apply(q[..., interleave])[..., interleave.argsort()]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
@@ -80,8 +80,10 @@ def test_text_on_the_diagonal() -> None:
     positions = multimodal_positions([("text", 7)]).float()
     assert torch.equal(positions, torch.arange(7.0)[:, None].expand(-1, 3))
     q = torch.randn(1, 1, 7, 32)
-    mrope = liere.AxialRoPE(32, num_axes=3, theta=10000.0, sections=(4, 6, 6))
-    assert torch.equal(mrope(positions[None]).apply(q), liere.RoPE(32, theta=10000.0)(positions[None, :, :1]).apply(q))
+    mrope = liere.AxialRoPE(head_dim=32, num_axes=3, theta=10000.0, sections=(4, 6, 6))
+    assert torch.equal(
+        mrope(positions[None]).apply(q), liere.RoPE(head_dim=32, theta=10000.0)(positions[None, :, :1]).apply(q)
+    )
     lie = liere.build("liere8", head_dim=32, num_axes=3)
     with torch.no_grad():
         lie.generators.normal_(0, 0.3)
@@ -119,6 +121,6 @@ def test_bad_segments_raise(segments: list, merge: int, pattern: str) -> None:
 
 def test_bad_sections_raise() -> None:
     with pytest.raises(ValueError, match="sections must be 3 positive ints"):
-        liere.AxialRoPE(16, num_axes=3, sections=(4, 4))
+        liere.AxialRoPE(head_dim=16, num_axes=3, sections=(4, 4))
     with pytest.raises(ValueError, match=r"rotate 18 features, but head_dim=16"):
-        liere.AxialRoPE(16, num_axes=3, sections=(3, 3, 3))
+        liere.AxialRoPE(head_dim=16, num_axes=3, sections=(3, 3, 3))

@@ -189,6 +189,8 @@ def liere_transformers(model: nn.Module, spec: str | None = None, **options: obj
     that ``save_pretrained`` then ``from_pretrained`` restores the adapted model.
     """
     base, attns = decoder_parts(model)
+    if isinstance(base.rotary_emb, LiereRotaryEmbedding):
+        raise ValueError("model is already adapted by liere_transformers (adapt a fresh model)")
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
