@@ -118,14 +118,22 @@ def test_timm_rope_coords_match_timms_grid():
         torch.testing.assert_close(timm_rope_coords((3, 5), **options), expected)
 
 
-def test_switch_encoding_of_models_vit_keeps_the_logits():
+@pytest.mark.parametrize("source", ["rope-mixed", "axial-rope", "axial-rope:theta=10000"])
+def test_switch_encoding_of_models_vit_and_adapted_timm_vits_keeps_the_logits(source):
+    from liere.integrations.timm import liere_timm_vit
+
     torch.manual_seed(0)
-    vit = ViT((3, 32, 32), 5, 8, encoding="rope-mixed", dim=64, depth=2, heads=2).eval()
+    vit = ViT((3, 32, 32), 5, 8, encoding=source, dim=64, depth=2, heads=2).eval()
+    tiny = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+    adapted = liere_timm_vit("vit_tiny_patch16_224", source, create_kwargs=tiny, axis_order="xy").eval()
     images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = vit(images)
-        for spec in ("liere8", "liere32", "rope-basis"):
-            assert max_diff(switch_encoding(copy.deepcopy(vit), spec)(images), expected) <= 1e-4
+    for model in (vit, adapted):
+        with torch.no_grad():
+            expected = model(images)
+            for spec in ("liere8", "liere32", "rope-basis", "rope-mixed"):
+                assert max_diff(switch_encoding(copy.deepcopy(model), spec)(images), expected) <= 1e-4, spec
+    with pytest.raises(TypeError, match="RoPE"):
+        switch_encoding(ViT((3, 32, 32), 5, 8, encoding="liere8", dim=64, depth=2, heads=2), "liere16")
 
 
 def test_bad_input_is_refused_with_nothing_converted():

@@ -344,17 +344,43 @@ def encoding_owner(model: nn.Module) -> tuple[str, int, int]:
     raise TypeError(f"model must be a ported/adapted timm model or a models.ViT, got {type(model).__name__}")
 
 
+def pair_frequencies(source: nn.Module) -> Tensor:
+    """The frequencies ``(depth, heads, axes, pairs)`` of a RoPE whose pair angles are linear in the coordinates
+    (``RoPEMixed``, ``AxialRoPE``, ``RoPE``: read off the rotations of the unit coordinates, then checked)."""
+    if isinstance(source, RoPEMixed):
+        return source.freqs.detach()
+    axes = getattr(source, "num_axes", None)
+    device = next((t.device for t in [*source.parameters(), *source.buffers()]), torch.device("cpu"))
+    rot = source(torch.eye(axes, device=device)) if isinstance(axes, int) else None
+    if rot is None or rot.kind != "pairs":
+        raise TypeError(f"switch_encoding starts from a RoPE (rotations of feature pairs), got {type(source).__name__}")
+    freqs = torch.atan2(rot.sin, rot.cos)[:, 0]  # position a is the unit vector of axis a: (depth, H, axes, pairs)
+    probe = (torch.rand(16, axes, generator=torch.Generator().manual_seed(0)) * 8).to(device)
+    angles = torch.einsum("na,dhap->dhnp", probe, freqs)
+    check = source(probe)
+    if not (
+        torch.allclose(check.cos[:, 0], angles.cos(), atol=1e-5)
+        and torch.allclose(check.sin[:, 0], angles.sin(), atol=1e-5)
+    ):
+        raise TypeError(
+            f"{type(source).__name__}: its angles are not linear in the coordinates, so no switch keeps them"
+        )
+    return freqs
+
+
 def switched_encoding(source: nn.Module, spec: str, depth: int, heads: int) -> nn.Module:
-    """A new encoding of kind ``spec`` computing ``source``'s rotations (a ``RoPEMixed``), per layer and head."""
-    if not isinstance(source, RoPEMixed):
-        raise TypeError(f"switch_encoding starts from RoPE-Mixed rotations, got {type(source).__name__}")
+    """A new encoding of kind ``spec`` computing ``source``'s RoPE rotations, with its own parameters per layer and
+    head."""
     name, options = parse_spec(spec)
     if options:
         raise ValueError(f"switch_encoding takes a plain spec (one of {SWITCH_TARGETS}), got {spec!r}")
-    freqs = source.freqs.detach().expand(depth, heads, -1, -1).clone()
+    freqs = pair_frequencies(source)
+    if 2 * freqs.shape[-1] != source.head_dim:
+        raise ValueError(
+            f"switch_encoding needs rotations over the whole head ({2 * freqs.shape[-1]} of {source.head_dim})"
+        )
+    freqs = freqs.expand(depth, heads, -1, -1).clone()
     dims = dict(head_dim=source.head_dim, num_axes=source.num_axes, num_heads=heads, depth=depth)
-    if source.rot_dim != source.head_dim:
-        raise ValueError(f"switch_encoding needs rotations over the whole head (rot_dim={source.rot_dim})")
     if name == "rope-mixed":
         new: nn.Module = RoPEMixed(**dims)
         state = {"freqs": freqs}
@@ -373,7 +399,7 @@ def switched_encoding(source: nn.Module, spec: str, depth: int, heads: int) -> n
     else:
         raise ValueError(f"switch_encoding can switch to {SWITCH_TARGETS}, got {spec!r}: others change the function")
     new.load_state_dict(state)
-    return new.to(source.freqs.device)
+    return new.to(freqs.device)
 
 
 def switch_encoding(model: nn.Module, spec: str) -> nn.Module:
