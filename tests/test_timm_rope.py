@@ -163,3 +163,23 @@ def test_pretrained_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set; pass pretrained_cfg_overlay"):
         port_timm_rope("eva02_tiny_patch14_224", pretrained=True)
+
+
+def logit_difference_table() -> str:
+    """Markdown rows: family | port | switch to liere8 | switch to liere64 (max |logit difference| vs timm)."""
+    rows = []
+    for family in FAMILIES:
+        eva, images = tiny_timm_rope(family)
+        with torch.no_grad():
+            expected = eva(images)
+            port = port_timm_rope(eva).eval()
+            cells = [max_diff(port(images), expected)]
+            cells += [
+                max_diff(switch_encoding(copy.deepcopy(port), s)(images), expected) for s in ("liere8", "liere64")
+            ]
+        rows.append(f"| {family} ({FAMILIES[family][0]}) | " + " | ".join(f"{c:.1e}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # OMP_NUM_THREADS=1 python tests/test_timm_rope.py
+    print(logit_difference_table())
