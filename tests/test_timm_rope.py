@@ -90,6 +90,24 @@ def test_dinov3_train_time_coordinate_augmentation_matches_timm():
     torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["naver-mixed", "eva02"])
+def test_patch_dropout_keeps_each_samples_rotations_and_intermediates_match(family):
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    eva = timm.create_model(name, pretrained=False, depth=2, num_classes=5, patch_drop_rate=0.5, **kwargs)
+    images = torch.randn(3, 3, *kwargs["img_size"])
+    port = port_timm_rope(copy.deepcopy(eva))
+    torch.manual_seed(5)
+    expected = eva.train()(images)
+    torch.manual_seed(5)
+    torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours = port.eval().forward_intermediates(images, intermediates_only=True)
+        theirs = eva.eval().forward_intermediates(images, intermediates_only=True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_dynamic_image_size_and_grad_checkpointing():
     eva, _ = tiny_timm_rope("dinov3")  # dynamic_img_size=True, normalised coordinates follow the grid
     port = port_timm_rope(copy.deepcopy(eva)).eval()

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from liere import rotary_attention
 from liere.factory import parse_spec
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
-from liere.integrations.timm import augment_coords, gather_positions
+from liere.integrations.timm import RotaryScopeMixin, augment_coords, gather_positions
 from liere.lie import LieRE
 from liere.linalg import pair_block_params
 from liere.rope import RoPEMixed
@@ -221,10 +221,9 @@ class RotaryPatchDropoutWithIndices(nn.Module):
         return out, keep
 
 
-class RotaryEva(Eva):
+class RotaryEva(RotaryScopeMixin, Eva):
     """A timm ``Eva`` ported by ``port_timm_rope``: rotations from ``liere_encoding`` once per forward."""
 
-    liere_encoding: nn.Module
     rope_coords: dict[str, object]
     coord_augment: dict[str, float | None]
 
@@ -240,23 +239,6 @@ class RotaryEva(Eva):
         coords = self.patch_coords(grid, x.device)
         current_scope().put(self.liere_encoding(coords, num_prefix_tokens=self.num_prefix_tokens))
         return super()._pos_embed(x)
-
-    def forward_features(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        with rotation_scope():
-            return super().forward_features(x, *args, **kwargs)
-
-    def forward_intermediates(self, x: Tensor, *args: object, **kwargs: object) -> object:
-        with rotation_scope():
-            return super().forward_intermediates(x, *args, **kwargs)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Every block checkpoints itself (timm's own flag stays off)."""
-        super().set_grad_checkpointing(False)
-        for block in self.blocks:
-            block.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {f"liere_encoding.{n}" for n in self.liere_encoding.no_weight_decay()}
 
 
 def create_pretrained(name: str, **create_kwargs: object) -> nn.Module:
@@ -322,7 +304,7 @@ def port_timm_rope(model: str | nn.Module, *, pretrained: bool = False, **create
         model.patch_drop = RotaryPatchDropoutWithIndices(model.patch_drop)
     model.__class__ = RotaryEva
     model.rope, model.rope_mixed = None, False
-    model.liere_encoding = pe.to(model.cls_token.device if model.cls_token is not None else "cpu")
+    model.liere_encoding = pe.to(next(model.parameters()).device)
     model.rope_coords, model.coord_augment = place, augment
     return model
 
