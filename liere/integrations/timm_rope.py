@@ -379,7 +379,7 @@ def switched_encoding(source: nn.Module, spec: str, depth: int, heads: int) -> n
         new = LieRE(**dims, block_size=b, init="normal")
         state = {"generators": pair_block_params(freqs.unflatten(-1, (source.head_dim // b, b // 2)), b)}
     else:
-        raise ValueError(f"switch_encoding keeps the function only when it can switch to {SWITCH_TARGETS}, got {spec!r}")
+        raise ValueError(f"switch_encoding keeps the function when it can switch to {SWITCH_TARGETS}, got {spec!r}")
     new.load_state_dict(state)
     return new.to(freqs.device)
 
