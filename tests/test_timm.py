@@ -306,3 +306,10 @@ def test_jit_trace_matches_eager(name):
         traced = torch.jit.trace(model, (IMAGES,), check_trace=False)
         torch.testing.assert_close(traced(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)
     assert isinstance(model, (ViT, VisionTransformer))
+
+
+@pytest.mark.parametrize("name", ["vit-liere8", "timm-liere8"])
+def test_jit_trace_with_grad_enabled_matches_eager(name):
+    model = EXPORTED[name]()
+    traced = torch.jit.trace(model, (IMAGES,), check_trace=False)  # autograd on while tracing
+    torch.testing.assert_close(traced(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)

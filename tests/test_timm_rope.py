@@ -90,6 +90,24 @@ def test_dinov3_train_time_coordinate_augmentation_matches_timm():
     torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["naver-mixed", "eva02"])
+def test_patch_dropout_keeps_each_samples_rotations_and_intermediates_match(family):
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    eva = timm.create_model(name, pretrained=False, depth=2, num_classes=5, patch_drop_rate=0.5, **kwargs)
+    images = torch.randn(3, 3, *kwargs["img_size"])
+    port = port_timm_rope(copy.deepcopy(eva))
+    torch.manual_seed(5)
+    expected = eva.train()(images)
+    torch.manual_seed(5)
+    torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours = port.eval().forward_intermediates(images, intermediates_only=True)
+        theirs = eva.eval().forward_intermediates(images, intermediates_only=True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_dynamic_image_size_and_grad_checkpointing():
     eva, _ = tiny_timm_rope("dinov3")  # dynamic_img_size=True, normalised coordinates follow the grid
     port = port_timm_rope(copy.deepcopy(eva)).eval()
@@ -118,14 +136,22 @@ def test_timm_rope_coords_match_timms_grid():
         torch.testing.assert_close(timm_rope_coords((3, 5), **options), expected)
 
 
-def test_switch_encoding_of_models_vit_keeps_the_logits():
+@pytest.mark.parametrize("source", ["rope-mixed", "axial-rope", "axial-rope:theta=10000"])
+def test_switch_encoding_of_models_vit_and_adapted_timm_vits_keeps_the_logits(source):
+    from liere.integrations.timm import liere_timm_vit
+
     torch.manual_seed(0)
-    vit = ViT((3, 32, 32), 5, 8, encoding="rope-mixed", dim=64, depth=2, heads=2).eval()
+    vit = ViT((3, 32, 32), 5, 8, encoding=source, dim=64, depth=2, heads=2).eval()
+    tiny = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+    adapted = liere_timm_vit("vit_tiny_patch16_224", source, create_kwargs=tiny, axis_order="xy").eval()
     images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = vit(images)
-        for spec in ("liere8", "liere32", "rope-basis"):
-            assert max_diff(switch_encoding(copy.deepcopy(vit), spec)(images), expected) <= 1e-4
+    for model in (vit, adapted):
+        with torch.no_grad():
+            expected = model(images)
+            for spec in ("liere8", "liere32", "rope-basis", "rope-mixed"):
+                assert max_diff(switch_encoding(copy.deepcopy(model), spec)(images), expected) <= 1e-4, spec
+    with pytest.raises(TypeError, match="RoPE"):
+        switch_encoding(ViT((3, 32, 32), 5, 8, encoding="liere8", dim=64, depth=2, heads=2), "liere16")
 
 
 def test_bad_input_is_refused_with_nothing_converted():
@@ -155,3 +181,23 @@ def test_pretrained_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set; pass pretrained_cfg_overlay"):
         port_timm_rope("eva02_tiny_patch14_224", pretrained=True)
+
+
+def logit_difference_table() -> str:
+    """Markdown rows: family | port | switch to liere8 | switch to liere64 (max |logit difference| vs timm)."""
+    rows = []
+    for family in FAMILIES:
+        eva, images = tiny_timm_rope(family)
+        with torch.no_grad():
+            expected = eva(images)
+            port = port_timm_rope(eva).eval()
+            cells = [max_diff(port(images), expected)]
+            cells += [
+                max_diff(switch_encoding(copy.deepcopy(port), s)(images), expected) for s in ("liere8", "liere64")
+            ]
+        rows.append(f"| {family} ({FAMILIES[family][0]}) | " + " | ".join(f"{c:.1e}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # OMP_NUM_THREADS=1 python tests/test_timm_rope.py
+    print(logit_difference_table())

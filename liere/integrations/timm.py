@@ -148,10 +148,34 @@ def check_fx_traceable(model: VisionTransformer) -> None:
         )
 
 
-class RotaryVisionTransformer(VisionTransformer):
-    """A timm ``VisionTransformer`` adapted by ``liere_timm_vit`` (see the module docstring)."""
+class RotaryScopeMixin:
+    """A timm model whose forwards compute the rotations once per call in a scope (``liere_encoding``), whose blocks
+    checkpoint themselves, and whose encoding parameters get no weight decay."""
 
     liere_encoding: nn.Module
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with rotation_scope():
+            return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with rotation_scope():
+            return super().forward_intermediates(x, *args, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (each block checkpoints itself; timm's own flag stays off)."""
+        super().set_grad_checkpointing(False)
+        for block in self.blocks:
+            block.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's no-decay names plus the encoding's parameters."""
+        return super().no_weight_decay() | {f"liere_encoding.{n}" for n in self.liere_encoding.no_weight_decay()}
+
+
+class RotaryVisionTransformer(RotaryScopeMixin, VisionTransformer):
+    """A timm ``VisionTransformer`` adapted by ``liere_timm_vit`` (see the module docstring)."""
+
     coord_scale: str
     axis_order: str = "ij"  # the default of models adapted (and saved whole) before the option existed
     train_grid: tuple[int, int]
@@ -199,24 +223,6 @@ class RotaryVisionTransformer(VisionTransformer):
         x = super()._pos_embed(patches.reshape(x.shape))
         current_scope().put(self.liere_encoding(coords, num_prefix_tokens=self.num_prefix_tokens))
         return x
-
-    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        with rotation_scope():
-            return super().forward_features(x, *args, **kwargs)
-
-    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        with rotation_scope():
-            return super().forward_intermediates(x, *args, **kwargs)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint every block (each block checkpoints itself; timm's own flag stays off)."""
-        super().set_grad_checkpointing(False)
-        for block in self.blocks:
-            block.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """timm's no-decay names plus the encoding's parameters."""
-        return super().no_weight_decay() | {f"liere_encoding.{n}" for n in self.liere_encoding.no_weight_decay()}
 
 
 def liere_timm_vit(

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from liere import rotary_attention
 from liere.factory import parse_spec
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
-from liere.integrations.timm import augment_coords, gather_positions
+from liere.integrations.timm import RotaryScopeMixin, augment_coords, gather_positions
 from liere.lie import LieRE
 from liere.linalg import pair_block_params
 from liere.rope import RoPEMixed
@@ -221,10 +221,9 @@ class RotaryPatchDropoutWithIndices(nn.Module):
         return out, keep
 
 
-class RotaryEva(Eva):
+class RotaryEva(RotaryScopeMixin, Eva):
     """A timm ``Eva`` ported by ``port_timm_rope``: rotations from ``liere_encoding`` once per forward."""
 
-    liere_encoding: nn.Module
     rope_coords: dict[str, object]
     coord_augment: dict[str, float | None]
 
@@ -240,23 +239,6 @@ class RotaryEva(Eva):
         coords = self.patch_coords(grid, x.device)
         current_scope().put(self.liere_encoding(coords, num_prefix_tokens=self.num_prefix_tokens))
         return super()._pos_embed(x)
-
-    def forward_features(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        with rotation_scope():
-            return super().forward_features(x, *args, **kwargs)
-
-    def forward_intermediates(self, x: Tensor, *args: object, **kwargs: object) -> object:
-        with rotation_scope():
-            return super().forward_intermediates(x, *args, **kwargs)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Every block checkpoints itself (timm's own flag stays off)."""
-        super().set_grad_checkpointing(False)
-        for block in self.blocks:
-            block.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {f"liere_encoding.{n}" for n in self.liere_encoding.no_weight_decay()}
 
 
 def create_pretrained(name: str, **create_kwargs: object) -> nn.Module:
@@ -322,7 +304,7 @@ def port_timm_rope(model: str | nn.Module, *, pretrained: bool = False, **create
         model.patch_drop = RotaryPatchDropoutWithIndices(model.patch_drop)
     model.__class__ = RotaryEva
     model.rope, model.rope_mixed = None, False
-    model.liere_encoding = pe.to(model.cls_token.device if model.cls_token is not None else "cpu")
+    model.liere_encoding = pe.to(next(model.parameters()).device)
     model.rope_coords, model.coord_augment = place, augment
     return model
 
@@ -344,17 +326,43 @@ def encoding_owner(model: nn.Module) -> tuple[str, int, int]:
     raise TypeError(f"model must be a ported/adapted timm model or a models.ViT, got {type(model).__name__}")
 
 
+def pair_frequencies(source: nn.Module) -> Tensor:
+    """The frequencies ``(depth, heads, axes, pairs)`` of a RoPE whose pair angles are linear in the coordinates
+    (``RoPEMixed``, ``AxialRoPE``, ``RoPE``: read off the rotations of the unit coordinates, then checked)."""
+    if isinstance(source, RoPEMixed):
+        return source.freqs.detach()
+    axes = getattr(source, "num_axes", None)
+    device = next((t.device for t in [*source.parameters(), *source.buffers()]), torch.device("cpu"))
+    rot = source(torch.eye(axes, device=device)) if isinstance(axes, int) else None
+    if rot is None or rot.kind != "pairs":
+        raise TypeError(f"switch_encoding starts from a RoPE (rotations of feature pairs), got {type(source).__name__}")
+    freqs = torch.atan2(rot.sin, rot.cos)[:, 0]  # position a is the unit vector of axis a: (depth, H, axes, pairs)
+    probe = (torch.rand(16, axes, generator=torch.Generator().manual_seed(0)) * 8).to(device)
+    angles = torch.einsum("na,dhap->dhnp", probe, freqs)
+    check = source(probe)
+    if not (
+        torch.allclose(check.cos[:, 0], angles.cos(), atol=1e-5)
+        and torch.allclose(check.sin[:, 0], angles.sin(), atol=1e-5)
+    ):
+        raise TypeError(
+            f"{type(source).__name__}: its angles are not linear in the coordinates, so no switch keeps them"
+        )
+    return freqs
+
+
 def switched_encoding(source: nn.Module, spec: str, depth: int, heads: int) -> nn.Module:
-    """A new encoding of kind ``spec`` computing ``source``'s rotations (a ``RoPEMixed``), per layer and head."""
-    if not isinstance(source, RoPEMixed):
-        raise TypeError(f"switch_encoding starts from RoPE-Mixed rotations, got {type(source).__name__}")
+    """A new encoding of kind ``spec`` computing ``source``'s RoPE rotations, with its own parameters per layer and
+    head."""
     name, options = parse_spec(spec)
     if options:
         raise ValueError(f"switch_encoding takes a plain spec (one of {SWITCH_TARGETS}), got {spec!r}")
-    freqs = source.freqs.detach().expand(depth, heads, -1, -1).clone()
+    freqs = pair_frequencies(source)
+    if 2 * freqs.shape[-1] != source.head_dim:
+        raise ValueError(
+            f"switch_encoding needs rotations over the whole head ({2 * freqs.shape[-1]} of {source.head_dim})"
+        )
+    freqs = freqs.expand(depth, heads, -1, -1).clone()
     dims = dict(head_dim=source.head_dim, num_axes=source.num_axes, num_heads=heads, depth=depth)
-    if source.rot_dim != source.head_dim:
-        raise ValueError(f"switch_encoding needs rotations over the whole head (rot_dim={source.rot_dim})")
     if name == "rope-mixed":
         new: nn.Module = RoPEMixed(**dims)
         state = {"freqs": freqs}
@@ -371,9 +379,9 @@ def switched_encoding(source: nn.Module, spec: str, depth: int, heads: int) -> n
         new = LieRE(**dims, block_size=b, init="normal")
         state = {"generators": pair_block_params(freqs.unflatten(-1, (source.head_dim // b, b // 2)), b)}
     else:
-        raise ValueError(f"switch_encoding can switch to {SWITCH_TARGETS}, got {spec!r}: others change the function")
+        raise ValueError(f"switch_encoding keeps the function when it can switch to {SWITCH_TARGETS}, got {spec!r}")
     new.load_state_dict(state)
-    return new.to(source.freqs.device)
+    return new.to(freqs.device)
 
 
 def switch_encoding(model: nn.Module, spec: str) -> nn.Module:
