@@ -305,8 +305,10 @@ class LearnedEncoding(PositionEncoding):
         self.reset_parameters()
 
     def rot_dim_multiple(self) -> tuple[int, str]:
-        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set."""
-        return 1, ""
+        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set.
+        Encodings of ``block_size`` blocks (set before this constructor runs) need whole blocks."""
+        block_size = self.__dict__.get("block_size")
+        return (1, "") if block_size is None else (block_size, f"block_size={block_size}")
 
     def add_parameters(self) -> None:
         """Create the parameters and buffers (``torch.empty``: ``reset_parameters`` fills them)."""
