@@ -90,22 +90,26 @@ class Same:
     __hash__ = None  # type: ignore[assignment]
 
 
-def tensor_stamp(t: Tensor) -> tuple:
-    return (Same(t), version(t), t.data_ptr(), t.dtype, t.device, t.shape)
-
-
 def stamp(module: nn.Module) -> tuple:
-    """What ``module``'s rotations depend on besides the coordinates, read without touching any tensor's values."""
+    """What ``module``'s rotations depend on besides the coordinates, read without touching any tensor's values:
+    per tensor its identity, version, storage pointer, dtype, device and shape; other public attributes by value
+    (plain ones) or identity."""
     parts: list[object] = []
     for sub in module.modules():
         for name, value in vars(sub).items():
             if name in ("_parameters", "_buffers"):
-                parts += [(key, tensor_stamp(t)) for key, t in value.items() if t is not None]
+                tensors = [(key, t) for key, t in value.items() if t is not None]
             elif name == "training" or not name.startswith("_"):
-                if isinstance(value, Tensor):
-                    parts.append((name, tensor_stamp(value)))
-                else:
+                if not isinstance(value, Tensor):
                     parts.append((name, value if isinstance(value, PLAIN) else Same(value)))
+                    continue
+                tensors = [(name, value)]
+            else:
+                continue
+            parts += [
+                (key, Same(t), None if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+                for key, t in tensors
+            ]
     return tuple(parts)
 
 
@@ -209,18 +213,19 @@ def rotation_cache(module: nn.Module) -> RotationCache:
     return cache
 
 
-def cache_applies(module: nn.Module, coords: object) -> bool:
-    """Whether ``forward`` may use the cache now: enabled, not tracing, and no gradient can flow through the result
-    (grad disabled, or no trainable parameter, coordinates that do not require grad and the module not training)."""
-    if not _ENABLED[0] or is_tracing(coords):
-        return False
+def applicable_cache(module: nn.Module, coords: object) -> RotationCache | None:
+    """``module``'s cache if ``forward`` may use it now (enabled, and no gradient can flow through the result: grad
+    disabled, or no trainable parameter, coordinates that do not require grad and the module not training)."""
+    if not _ENABLED[0]:
+        return None
     if torch.is_grad_enabled() and (
         module.training
         or (isinstance(coords, Tensor) and coords.requires_grad)
         or any(p.requires_grad for p in module.parameters())
     ):
-        return False
-    return rotation_cache(module).max_entries > 0
+        return None
+    cache = rotation_cache(module)
+    return cache if cache.max_entries > 0 else None
 
 
 def integer_positions(num_axes: int, coords: Tensor | Grid) -> tuple[slice | Tensor, int] | None:
@@ -256,12 +261,12 @@ def table_rotations(build: Build, length: int, table: Rotations | None) -> Rotat
 
 
 def uncached_rotations(pe: nn.Module, coords: Tensor | Grid, num_prefix_tokens: int, build: Build) -> Rotations:
-    """``build(coords, num_prefix_tokens)``, except that integer position tensors take the table's rows (so they
-    equal the implicit positions' rotations bit for bit)."""
+    """``build(coords, num_prefix_tokens)`` in eager mode without the cache, except that integer position tensors take
+    the table's rows (so they equal the implicit positions' rotations bit for bit)."""
     held = pe.__dict__.get("_rotation_cache")
-    if held is not None and held.entries and pe.training and torch.is_grad_enabled() and not is_tracing(coords):
+    if held is not None and held.entries and pe.training and torch.is_grad_enabled():
         held.clear()  # training resumed (after an evaluation): the entries are stale, free their memory now
-    request = None if is_tracing(coords) or isinstance(coords, Grid) else integer_positions(pe.num_axes, coords)
+    request = None if isinstance(coords, Grid) else integer_positions(pe.num_axes, coords)
     if request is None or request[1] > max(2 * request[0].numel(), MIN_TABLE):  # sparse positions: one rotation each
         return build(coords, num_prefix_tokens)
     index, length = request
@@ -269,10 +274,15 @@ def uncached_rotations(pe: nn.Module, coords: Tensor | Grid, num_prefix_tokens: 
 
 
 def cached_rotations(pe: nn.Module, coords: Tensor | Grid, num_prefix_tokens: int, build: Build) -> Rotations:
-    """``build(coords, num_prefix_tokens)`` through ``pe``'s cache when it applies (see the module docstring)."""
-    if not cache_applies(pe, coords):
+    """``build(coords, num_prefix_tokens)`` through ``pe``'s cache when it applies (see the module docstring); under
+    tracing, ``build`` itself. In eager eval mode, also remembers ``coords`` (what ``liere.freeze`` freezes at)."""
+    if is_tracing(coords):
+        return build(coords, num_prefix_tokens)
+    if not pe.training:
+        pe.__dict__["_last_eval_coords"] = coords.detach() if isinstance(coords, Tensor) else coords
+    cache = applicable_cache(pe, coords)
+    if cache is None:
         return uncached_rotations(pe, coords, num_prefix_tokens, build)
-    cache = rotation_cache(pe)
     with cache.lock:
         cache.sync(pe)
         inference = torch.is_inference_mode_enabled()

@@ -55,18 +55,7 @@ class ComRoPE(LearnedEncoding):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant, self.block_size, self.method = variant, check_block_size(block_size), method
         self.recompute = resolve_recompute(recompute, block_size)
-        super().__init__(
-            head_dim=head_dim,
-            num_axes=num_axes,
-            num_heads=num_heads,
-            depth=depth,
-            theta=theta,
-            rot_dim=rot_dim,
-            seed=seed,
-        )
-
-    def rot_dim_multiple(self) -> tuple[int, str]:
-        return self.block_size, f"block_size={self.block_size}"
+        super().__init__(head_dim, num_axes, num_heads, depth, theta, rot_dim, seed)
 
     def add_parameters(self) -> None:
         num_blocks, lead = self.rot_dim // self.block_size, (self.depth, self.num_heads)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from liere.cache import CachedRotationsMixin, cache_repr, cached_rotations
-from liere.coords import Grid, Progression, is_tracing, resolve_coords
+from liere.coords import Grid, Progression, resolve_coords
 from liere.frozen import describe, frozen_rotations, frozen_state, refreeze, restamp
 from liere.fx import is_symbolic_tracing, traced_rotations
 from liere.precision import build_dtype, building
@@ -147,8 +147,6 @@ class PositionEncoding(CachedRotationsMixin, nn.Module):
             return traced_rotations(self, coords, num_prefix_tokens)
         if frozen_state(self) is not None:  # liere.freeze: constants
             return frozen_rotations(self, coords, num_prefix_tokens)
-        if not self.training and not is_tracing(coords):  # what liere.freeze(model) freezes at by default
-            self.__dict__["_last_eval_coords"] = coords.detach() if isinstance(coords, Tensor) else coords
         return cached_rotations(self, coords, num_prefix_tokens, self.build_rotations)  # liere.cache
 
     def build_rotations(self, coords: Tensor | Grid, num_prefix_tokens: int = 0) -> Rotations:
@@ -306,8 +304,10 @@ class LearnedEncoding(PositionEncoding):
         self.reset_parameters()
 
     def rot_dim_multiple(self) -> tuple[int, str]:
-        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set."""
-        return 1, ""
+        """What ``rot_dim`` must be a multiple of, and why (for the error message); called with ``num_axes`` set.
+        Encodings of ``block_size`` blocks (set before this constructor runs) need whole blocks."""
+        block_size = self.__dict__.get("block_size")
+        return (1, "") if block_size is None else (block_size, f"block_size={block_size}")
 
     def add_parameters(self) -> None:
         """Create the parameters and buffers (``torch.empty``: ``reset_parameters`` fills them)."""

@@ -68,18 +68,7 @@ class LieRE(LearnedEncoding):
         self.init, self.init_std, self.method = init, init_std, method
         self.recompute = resolve_recompute(recompute, block_size)
         self.uses_progression = block_size >= 3  # 1D grids: powers of one exponential
-        super().__init__(
-            head_dim=head_dim,
-            num_axes=num_axes,
-            num_heads=num_heads,
-            depth=depth,
-            theta=theta,
-            rot_dim=rot_dim,
-            seed=seed,
-        )
-
-    def rot_dim_multiple(self) -> tuple[int, str]:
-        return self.block_size, f"block_size={self.block_size}"
+        super().__init__(head_dim, num_axes, num_heads, depth, theta, rot_dim, seed)
 
     def add_parameters(self) -> None:
         num_blocks, m = self.rot_dim // self.block_size, num_skew_params(self.block_size)

@@ -93,3 +93,4 @@ def test_the_reader_sees_deferred_and_type_only_imports(tmp_path: Path) -> None:
     (tmp_path / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\n")
     modules = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     assert imported(modules["a"], "a", modules) == {"b"} and imported(modules["b"], "b", modules) == {"a"}
+    assert cycles(modules) == [["a", "b"]]
