@@ -100,7 +100,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for key in options:
         if accepted is not None and key not in accepted:
             takes = ", ".join(flag for option, flag in DATA_FLAGS.items() if option in accepted) or "neither"
-            raise ValueError(f"{DATA_FLAGS[key]}: dataset {args.task!r} has no such option (of the two it takes: {takes})")
+            raise ValueError(f"{DATA_FLAGS[key]}: dataset {args.task!r} has no such option (it takes: {takes})")
     return options
 
 
