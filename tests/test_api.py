@@ -235,6 +235,7 @@ def test_rotations_identity_and_to() -> None:
     assert "block_size=4" in repr(rot) and len(rot) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("page", "marker"), [("README.md", "example"), ("docs/models.md", "decoding example")])
 def test_readme_example_runs(page: str, marker: str) -> None:
     """The README's usage example and the cached ``generate`` example of docs/models.md are executed verbatim."""

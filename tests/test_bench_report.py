@@ -21,6 +21,7 @@ def test_benchmarks_md_is_rendered_from_the_committed_json() -> None:
     assert len(expected.splitlines()) <= 400
 
 
+@pytest.mark.slow
 def test_a_bench_command_records_itself_and_renders(tmp_path) -> None:
     path = tmp_path / "results" / "decode.json"
     path.parent.mkdir()

@@ -48,6 +48,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(runs):
     full, resumed = _summary(runs / "full"), _summary(runs / "killed")
     assert resumed["final_loss"] == full["final_loss"]
@@ -57,6 +58,7 @@ def test_resume_after_sigkill_is_bitwise_identical(runs):
     assert steps == sorted(set(steps)) and steps[-1] == 30  # the crashed run's steps 21..25 were dropped, not doubled
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_the_model(runs):
     model = load_model(runs / "full" / "last.pt")
     assert sum(p.numel() for p in model.parameters()) == _summary(runs / "full")["params"]
@@ -67,6 +69,7 @@ def _config(**changes):
     return preset_config("smoke", "digits", **(base | changes))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, tmp_path, capsys, one_thread):
     run = tmp_path / "run"
     shutil.copytree(runs / "crashed", run)
@@ -83,6 +86,7 @@ def test_corrupt_checkpoint_falls_back_to_prev_or_raises_and_keeps_files(runs, t
     assert summary.state_sha256 == _summary(runs / "full")["state_sha256"]
 
 
+@pytest.mark.slow
 def test_mismatched_config_raises(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "crashed", run)

@@ -47,6 +47,7 @@ def test_no_graph_breaks(name: str) -> None:
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(encodings()))
 def test_compiled_matches_eager_forward_and_backward(name: str) -> None:
     """In float64, so that the compiled general exponential and eager's path (e.g. powers of one exponential for
@@ -68,6 +69,7 @@ def test_compiled_matches_eager_forward_and_backward(name: str) -> None:
         torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_inductor_liere8() -> None:
     """One real (inductor) compile; skipped where no C++ toolchain works or it is too slow for CI."""
     pe, coords = encodings()["liere8"]

@@ -82,6 +82,7 @@ def test_grid_equals_tensor_bf16_and_inference_mode(name: str, axes: int) -> Non
         assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "axes"), CASES)
 def test_compiles_without_graph_breaks(name: str, axes: int) -> None:
     pe, grid = build(name, axes)

@@ -132,6 +132,7 @@ def test_inference_mode_works_on_the_first_call(name: str) -> None:
     assert rot.num_positions == 9
 
 
+@pytest.mark.slow
 def test_1d_grid_takes_the_powers_path_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
     pe = LieRE(64, 1, num_heads=2, depth=2, block_size=16, recompute=False, seed=0)  # the spy cannot run in checkpoint
     q = torch.randn(2, 2, 13, 64, generator=torch.Generator().manual_seed(0))
@@ -180,6 +181,7 @@ def test_tracing_skips_the_value_checks(how: str) -> None:
     torch.testing.assert_close(traced(coords, q), model(coords, q), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_vit_exports_and_traces_with_grids() -> None:
     model, images = tiny_vit(), torch.randn(2, 3, 16, 16)
     expected = model(images)

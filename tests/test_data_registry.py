@@ -203,6 +203,7 @@ def test_stalled_download_is_stopped_at_the_deadline(tmp_path, stalling_hub):
     assert not cache.cache_file(tmp_path, "cifar10").exists()
 
 
+@pytest.mark.slow
 def test_fetch_cli_gives_one_line_on_a_silent_hub(tmp_path, silent_server):
     env = {"HF_ENDPOINT": silent_server, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     command = [sys.executable, "-m", "train.data", "fetch", "cifar10", "--timeout", "0.5", "--root", str(tmp_path)]

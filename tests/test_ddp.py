@@ -52,6 +52,7 @@ def _torchrun(tmp_path: Path, source: str) -> tuple[subprocess.CompletedProcess,
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300), out
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical_and_learn(tmp_path):
     done, out = _torchrun(tmp_path, SCRIPT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -65,6 +66,7 @@ def test_two_ranks_stay_identical_and_learn(tmp_path):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2  # written once, by rank 0
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     done, _ = _torchrun(tmp_path, STALL)
     assert done.returncode != 0

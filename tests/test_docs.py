@@ -27,6 +27,7 @@ def python_blocks(page: Path) -> list[tuple[bool, str]]:
 RUNNABLE = [p for p in DOC_PAGES if any(runs for runs, _ in python_blocks(p))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.name)
 def test_docs_python_blocks_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In this process (torch and timm are imported once for the whole suite), in a namespace of its own."""

@@ -186,6 +186,7 @@ def test_huge_norms_finite_orthogonal_and_accurate(b):
         assert torch.isfinite(R).all() and orthogonality_error(R) <= tol
 
 
+@pytest.mark.slow
 def test_huge_norms_compiled(monkeypatch):
     monkeypatch.setattr(liere.expm, "COMPILED_SQUARINGS", 24)
     compiled = torch.compile(skew_expm, fullgraph=True, dynamic=False)

@@ -85,6 +85,7 @@ def rotate_and_grads(pe: LieRE | ComRoPE, coords: torch.Tensor | Grid) -> tuple[
     return out.detach(), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b", [3, 8, 64])
 @pytest.mark.parametrize("spacing", [1.0, 1 / 99])
 def test_liere_1d_progression_path_equals_general_path(b: int, spacing: float, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,6 +98,7 @@ def _sha(run: Path) -> str:
 # ---------------------------------------------------------------- full disk
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_names_file_and_cause_and_resume_continues(runs, tmp_path, python_module):
     run = _copy(runs / "crashed", tmp_path / "run")
     done = _train_limited(64 * 1024, run, "--resume")  # the log fits, the step-30 checkpoint (1.3 MB) does not
@@ -111,6 +112,7 @@ def test_failed_checkpoint_write_names_file_and_cause_and_resume_continues(runs,
     assert _sha(run) == _sha(runs / "full")
 
 
+@pytest.mark.slow
 def test_failed_metrics_write_names_file_and_cause_and_resume_continues(runs, tmp_path, python_module):
     run = _copy(runs / "crashed", tmp_path / "run")
     limit = (run / layout.METRICS).stat().st_size + 10  # the kept records fit, the step-20 record does not
@@ -122,6 +124,7 @@ def test_failed_metrics_write_names_file_and_cause_and_resume_continues(runs, tm
     assert [r["step"] for r in layout.read_jsonl(run / layout.METRICS)] == list(range(5, 31, 5))
 
 
+@pytest.mark.slow
 def test_full_tmpfs_says_no_space_left(tmp_path):
     """A real full disk: a 2 MiB tmpfs holds one checkpoint (1.3 MB) but not the second one's temp file."""
     if shutil.which("unshare") is None:
@@ -140,6 +143,7 @@ def test_full_tmpfs_says_no_space_left(tmp_path):
 # ---------------------------------------------------------------- resume never silently starts over
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_refuses_and_restart_starts_over(runs, tmp_path, failing_command):
     run = _copy(runs / "full", tmp_path / "run")
     for name in (layout.LAST, layout.PREV):
@@ -182,6 +186,7 @@ def no_data(monkeypatch):
     monkeypatch.setattr(loop, "load_task", refuse)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_refused_before_the_data_loads(runs, tmp_path, no_data):
     run = _copy(runs / "crashed", tmp_path / "run")
     with pytest.raises(AssertionError, match="data loaded"):  # a good checkpoint gets as far as the data
@@ -198,6 +203,7 @@ def test_bad_checkpoints_are_refused_before_the_data_loads(runs, tmp_path, no_da
         train(_config(), run, resume=True, quiet=True)
 
 
+@pytest.mark.slow
 def test_ab_resume_refuses_a_foreign_checkpoint_before_the_data_loads(runs, tmp_path, monkeypatch):
     _copy(runs / "crashed", tmp_path / "ab" / "liere8-s0")
     monkeypatch.setattr(ab, "load_task", lambda config: pytest.fail("data loaded"))
@@ -324,6 +330,7 @@ def test_cli_errors_are_one_line_without_debug(tmp_path, failing_command, main, 
         cli.run(main, [*args, "--debug"])
 
 
+@pytest.mark.slow
 def test_inspect_cli_gives_one_line(tmp_path, python_module):
     """``python -m train.ab.inspect`` itself (its ``__main__`` block) goes through ``cli.run``."""
     assert "neither results.json" in _one_error_line(python_module("train.ab.inspect", tmp_path), cli.EXIT_USAGE)

@@ -91,6 +91,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Completed
     return done, tmp
 
 
+@pytest.mark.slow
 def test_fsdp_loss_curve_equals_ddp(runs: tuple[subprocess.CompletedProcess, Path]) -> None:
     done, tmp = runs
     ddp, fsdp = losses(tmp / "ddp"), losses(tmp / "fsdp")
@@ -103,6 +104,7 @@ def test_fsdp_loss_curve_equals_ddp(runs: tuple[subprocess.CompletedProcess, Pat
     assert json.loads((tmp / "fsdp" / "summary.json").read_text())["checkpoint"].endswith("last.dcp")
 
 
+@pytest.mark.slow
 def test_killed_fsdp_run_resumes_bitwise(runs: tuple[subprocess.CompletedProcess, Path]) -> None:
     _, tmp = runs
     done = launch(tmp, "killed")
@@ -111,6 +113,7 @@ def test_killed_fsdp_run_resumes_bitwise(runs: tuple[subprocess.CompletedProcess
     assert losses(tmp / "killed") == losses(tmp / "fsdp")
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_both_with_a_checkpoint_that_resumes_on_one_rank(
     runs: tuple[subprocess.CompletedProcess, Path],
 ) -> None:
@@ -127,6 +130,7 @@ def test_signal_to_one_rank_stops_both_with_a_checkpoint_that_resumes_on_one_ran
     torch.testing.assert_close(torch.tensor(losses_1), torch.tensor(losses_2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_signal_to_one_ddp_rank_stops_both_and_resume_is_bitwise(
     runs: tuple[subprocess.CompletedProcess, Path],
 ) -> None:

@@ -72,6 +72,7 @@ def test_signal_checkpoints_after_the_step_and_resume_is_bitwise(reference, tmp_
     assert train(config(), run, resume=True, quiet=True).state_sha256 == reference
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_command_exits_75_and_resume_is_bitwise(reference, tmp_path) -> None:
     run = tmp_path / "run"
     args = ["--task", "digits", "--preset", "smoke", "--steps", str(STEPS), "--ckpt-every", "4", "--eval-every",
@@ -90,6 +91,7 @@ def test_sigterm_to_the_command_exits_75_and_resume_is_bitwise(reference, tmp_pa
     assert json.loads((run / "summary.json").read_text())["state_sha256"] == reference
 
 
+@pytest.mark.slow
 def test_fsdp_on_one_process_equals_the_unsharded_run_and_skips_a_missing_shard(
     reference, tmp_path, one_thread, process_group, capsys
 ) -> None:

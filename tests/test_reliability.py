@@ -143,6 +143,7 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in layout.read_jsonl(run / layout.METRICS) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_resume_logs_full_windows_and_accumulates_wall_time(crashed, tmp_path, capsys):
     full, run = crashed[0], _copy(crashed[1], tmp_path / "run")
     before = checkpoint.read(run / layout.LAST)["wall_time_s"]
@@ -212,6 +213,7 @@ def test_run_folder_lock_refuses_a_second_run_and_frees_a_dead_ones(tmp_path):
     assert not (tmp_path / layout.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_folder_is_refused_before_loading_data(tmp_path):
     (tmp_path / layout.METRICS).write_text('{"step": 1}\n')
     done = _cli("train", "--task", "digits", "--preset", "smoke", "--out", str(tmp_path), "--device", "cpu")
@@ -237,6 +239,7 @@ def test_seeds_are_bounded():
         ab.parse_seeds("5-2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "args", "needle"),
     [
@@ -299,6 +302,7 @@ def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkey
     assert "step 12/12, loss " in out and "ETA 0m00s" in out
 
 
+@pytest.mark.slow
 def test_interrupted_ab_says_how_to_continue(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ab"
     args = ["--preset", "smoke", "--task", "digits", "--quiet", "--out", str(out), "--encodings", "none,liere8"]

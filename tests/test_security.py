@@ -44,6 +44,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(
     ab_folder, tmp_path, python_module, failing_command
 ):

@@ -289,6 +289,7 @@ EXPORTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPORTED))
 @pytest.mark.parametrize("strict", [False, True])
 def test_torch_export_matches_eager(name, strict):

@@ -99,8 +99,8 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     accepted = data.data_options(args.task)
     for key in options:
         if accepted is not None and key not in accepted:
-            takes = ", ".join(DATA_FLAGS.get(k, k) for k in sorted(accepted)) or "none"
-            raise ValueError(f"{DATA_FLAGS[key]}: dataset {args.task!r} has no such option (its data options: {takes})")
+            takes = ", ".join(flag for option, flag in DATA_FLAGS.items() if option in accepted) or "neither"
+            raise ValueError(f"{DATA_FLAGS[key]}: dataset {args.task!r} has no such option (it takes: {takes})")
     return options
 
 

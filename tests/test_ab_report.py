@@ -27,6 +27,7 @@ def vision_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_report_has_tables_paired_tests_and_existing_plots(vision_run):
     text = (vision_run / "report.md").read_text()
     for needle in ("Δ vs ref", "p (seeds)", "p (McNemar)", "[95% CI]", "## Patch-shuffle diagnostic",
@@ -81,6 +82,7 @@ def test_extrapolation_is_paired_with_the_reference_seed_by_seed():
     assert "rope-mixed |" not in table.split("\n\n")[1]  # no row for the reference itself
 
 
+@pytest.mark.slow
 def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):
     for run in ("none-s0", "none-s1", "liere8-s0", "liere8-s1"):
         (vision_run / run / report.EVALUATION_FILE).unlink()
@@ -94,6 +96,7 @@ def test_evaluate_cli_recomputes_from_checkpoints_and_reference(vision_run):
         report.write_report(vision_run, "rope")
 
 
+@pytest.mark.slow
 def test_text_run_reports_length_extrapolation(tmp_path):
     out = tmp_path / "lm"
     results = ab.main([*ARGS, "--seeds", "0", "--task", "pydoc", "--encodings", "liere8,rope", "--out", str(out)])

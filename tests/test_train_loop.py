@@ -20,6 +20,7 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_image_loss_falls_and_log_written(tmp_path):
     config = preset_config("smoke", "digits", encoding="liere8", steps=100, batch_size=64, lr=1e-2, eval_every=50)
     summary = train(config, tmp_path, quiet=True)
@@ -115,6 +116,7 @@ def test_step_hooks_add_per_step_metrics(tmp_path):
     assert all(r["generator_norm"] > 0 for r in records) and "loss" in records[4]
 
 
+@pytest.mark.slow
 def test_training_loads_no_plotting_stack():
     check = "import sys, train.loop, train.__main__; assert 'matplotlib' not in sys.modules, 'matplotlib loaded'"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)

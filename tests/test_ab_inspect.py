@@ -68,6 +68,7 @@ def test_kernel_is_one_at_the_query_and_depends_on_offset_for_rope_mixed():
     assert math.isclose(float(inspect.invariance_error(gens, coords, (4, 4), 5, 10).max()), 0.0, abs_tol=1e-9)
 
 
+@pytest.mark.slow
 def test_metrics_log_commutator_and_cli_writes_section(tmp_path, capsys):
     out = tmp_path / "ab"
     ab.main(["--preset", "smoke", "--steps", "10", "--quiet", "--evaluate", "none", "--jobs", "1",

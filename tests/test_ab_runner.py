@@ -12,6 +12,7 @@ from train.checkpoint import load_model
 ARGS = ["--preset", "smoke", "--task", "digits", "--seeds", "0", "--quiet", "--jobs", "1"]
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_results(tmp_path, capsys):
     out = tmp_path / "ab"
     ab.main([*ARGS, "--encodings", "none,liere8", "--out", str(out)])
@@ -37,6 +38,7 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     assert [r.test for r in again.runs] == [r["test"] for r in saved["runs"]]
 
 
+@pytest.mark.slow
 def test_parallel_runs_equal_sequential_runs_bit_for_bit(tmp_path, capsys):
     args = [*ARGS[:-2], "--seeds", "0,1", "--encodings", "none,liere8", "--evaluate", "shuffle", "--threads", "1"]
     sequential = ab.main([*args, "--jobs", "1", "--out", str(tmp_path / "one")])

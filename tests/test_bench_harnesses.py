@@ -55,6 +55,7 @@ def test_op_bench_rows_and_json(tmp_path) -> None:
     assert_times(app, ("fwd_ms", "fwdbwd_ms", "fwd_ratio", "fwdbwd_ratio"))
 
 
+@pytest.mark.slow
 def test_model_bench_rows(tmp_path) -> None:
     path = tmp_path / "models.json"
     results = model_bench.main(["--size", "tiny", "--models", "ViT 32px/8", "--repeats", "1", "--json", str(path)])
@@ -95,6 +96,7 @@ def test_reference_rotations_apply_like_rotations() -> None:
     torch.testing.assert_close(reference.with_prefix(1).apply(torch.cat([q[:, :, :1], q], 2))[:, :, 1:], expected)
 
 
+@pytest.mark.slow
 def test_model_bench_peak_fit_depth_and_3d() -> None:
     """``--peak`` measures a fresh process's first-step peak rise; ``--fit`` gives one line per encoding with the
     ratios it predicts; ``--depth`` and the 3D setting of ``--size small`` build."""
