@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from liere import rotary_attention
 from liere.factory import parse_spec
 from liere.integrations.forward_state import ForwardRotations, current_scope, rotation_scope
-from liere.integrations.timm import RotaryScopeMixin, augment_coords, gather_positions
+from liere.integrations.timm_common import RotaryScopeMixin, augment_coords, gather_positions
 from liere.lie import LieRE
 from liere.linalg import pair_block_params
 from liere.rope import RoPEMixed
