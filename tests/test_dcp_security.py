@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,36 @@ def test_full_disk_during_a_sharded_save_names_the_folder_and_leaves_no_partial(
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {run}/.partial-4.dcp: File too large")
     assert "Traceback" not in done.stderr
     assert not list(run.glob(".partial-*")) and not (run / "last.dcp").exists()
+
+
+def test_stop_signals_end_the_process_while_checkpoints_are_verified(run, monkeypatch) -> None:
+    """Verification hashes every shard (minutes for a large model): SIGTERM/SIGUSR1 keep their default action
+    (end the process) until training starts, when they become checkpoint-and-stop requests."""
+    from train import loop
+
+    seen = []
+    verify = loop.find_checkpoint
+
+    def recording(*args, **kwargs):
+        seen.append({signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)})
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "find_checkpoint", recording)
+    try:
+        train(config(), run, quiet=True, fsdp=True, resume=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert seen == [{signal.SIGTERM: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL}]
+
+
+def test_pickled_train_state_is_refused_in_one_line_and_falls_back(run, tmp_path, capsys) -> None:
+    marker = tmp_path / "pwned"
+    folder = run / "last.dcp"
+    torch.save({"step": 8, "payload": Touch(marker)}, folder / "train_state.pt")  # a pickle weights_only refuses
+    rewrite_manifest(folder)
+    found = dcp_checkpoint.checkpoint.find_valid(run, names=("last.dcp", "prev.dcp"), reader=dcp_checkpoint.read)
+    assert found is not None and found[0].name == "prev.dcp"
+    warning = [line for line in capsys.readouterr().err.splitlines() if "train_state.pt is not plain data" in line]
+    assert len(warning) == 1 and "moved it to last.dcp.corrupt" in warning[0]
+    assert not marker.exists()

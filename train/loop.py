@@ -615,7 +615,7 @@ def train(
     if fsdp:
         distributed.check_shardable(config)
     lock = layout.RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
-    with StopSignals() as stop, lock:
+    with lock:
         if rank == 0:
             layout.clean_temp_files(run_dir)
             dcp_checkpoint.clean_partial(run_dir)
@@ -626,21 +626,23 @@ def train(
             torch.cuda.reset_peak_memory_stats(device)
         if world > 1:
             dist.barrier()  # rank 0 has checked, cleaned (and with restart emptied) the folder
+        # outside StopSignals: a stop signal while checkpoints are read and verified ends the process at once
         found = find_checkpoint(config, run_dir, resume, device, rank, world, fsdp)
-        task = load_task(config) if task is None else task
-        run = restore(config, run_dir, task, found, device, rank, world, fsdp)
-        run.wall_start = started
-        try:
-            divergence = _loop(
-                run, Progress(run.config, run.step, not quiet and run.rank == 0, bars), on_nonfinite, hooks, stop
-            )
-            summary = finish(run, divergence)
-        except layout.WriteFailed as err:
-            raise _write_error(run, err) from err.__cause__
-        except RuntimeError as err:
-            if world > 1 and any(word in str(err).lower() for word in ("timed out", "timeout")):
-                raise _timeout_error(run, ddp_timeout) from err
-            raise
+        with StopSignals() as stop:
+            task = load_task(config) if task is None else task
+            run = restore(config, run_dir, task, found, device, rank, world, fsdp)
+            run.wall_start = started
+            try:
+                divergence = _loop(
+                    run, Progress(run.config, run.step, not quiet and run.rank == 0, bars), on_nonfinite, hooks, stop
+                )
+                summary = finish(run, divergence)
+            except layout.WriteFailed as err:
+                raise _write_error(run, err) from err.__cause__
+            except RuntimeError as err:
+                if world > 1 and any(word in str(err).lower() for word in ("timed out", "timeout")):
+                    raise _timeout_error(run, ddp_timeout) from err
+                raise
     if divergence is not None:
         raise Diverged(summary)
     return summary
