@@ -98,7 +98,7 @@ class ExtendedEncoding(PositionEncoding):
 
     def __init__(self, source: PositionEncoding, rope_parameters: Sequence[RopeParameters]) -> None:
         gens, width = generators_and_width(source)
-        super().__init__(source.head_dim, source.num_axes, depth=gens.shape[0])
+        super().__init__(head_dim=source.head_dim, num_axes=source.num_axes, depth=gens.shape[0])
         self.rot_dim = source.rot_dim
         self.width = width
         self.rope_parameters = [dict(p) for p in rope_parameters]

@@ -215,3 +215,21 @@ def test_pickled_train_state_is_refused_in_one_line_and_falls_back(run, tmp_path
     warning = [line for line in capsys.readouterr().err.splitlines() if "train_state.pt is not plain data" in line]
     assert len(warning) == 1 and "moved it to last.dcp.corrupt" in warning[0]
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_ab_evaluate_and_inspect_read_fsdp_folders(tmp_path) -> None:
+    from train.ab import evaluate, inspect
+    from train.ab import runner as ab
+
+    out = tmp_path / "ab"
+    args = ["--preset", "smoke", "--task", "digits", "--encodings", "liere8", "--steps", "6", "--evaluate", "none"]
+    try:
+        ab.main([*args, "--seeds", "0", "--quiet", "--jobs", "1", "--fsdp", "--out", str(out)])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert (out / "liere8-s0" / "last.dcp").is_dir() and not (out / "liere8-s0" / "last.pt").exists()
+    (result,) = evaluate.main([str(out), "--evaluate", "shuffle"])
+    assert "shuffle" in result
+    assert inspect.main([str(out)]) is not None and "liere8-s0" in (out / inspect.OUTPUT).read_text()

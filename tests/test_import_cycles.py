@@ -76,16 +76,9 @@ def cycles_in(package: str) -> list[list[str]]:
     return [c for c in cycles(project_modules()) if any(m.split(".")[0] == package for m in c)]
 
 
-@pytest.mark.parametrize("package", ["liere", "models", "bench"])
+@pytest.mark.parametrize("package", ["liere", "models", "train", "bench"])
 def test_no_import_cycles(package: str) -> None:
     assert cycles_in(package) == []
-
-
-@pytest.mark.xfail(
-    strict=True, reason="train/checkpoint.py <-> train/dcp_checkpoint.py until the checkpoint branch is merged"
-)
-def test_no_import_cycles_in_train() -> None:
-    assert cycles_in("train") == []
 
 
 def test_the_reader_sees_deferred_and_type_only_imports(tmp_path: Path) -> None:

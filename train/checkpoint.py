@@ -219,12 +219,8 @@ def load_state_dict(path: str | Path, module: nn.Module, state_dict: dict[str, A
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a checkpoint (a file, or a ``--fsdp`` run's ``last.dcp`` folder), rebuilt from its stored
-    spec (checked against the allow-list of ``models.registry``) and weights, in eval mode."""
-    if Path(path).is_dir():
-        from train import dcp_checkpoint  # it imports this module
-
-        return dcp_checkpoint.load_model(Path(path)).to(map_location)
+    """The trained model of a checkpoint file, rebuilt from its stored spec (checked against the allow-list of
+    ``models.registry``) and weights, in eval mode (``train.run_checkpoint.load_model`` also reads DCP folders)."""
     state = read(path, map_location)
     model = build_model(state["model_spec"])
     load_state_dict(path, model, state["model"], "model")

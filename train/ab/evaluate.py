@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from liere import extension
 from models.vit import COORD_SCALES
-from train import checkpoint, cli, data, torch_files
+from train import cli, data, run_checkpoint, torch_files
 from train import run_dir as layout
 from train.ab import report
 from train.loop import resolve_device
@@ -358,7 +358,7 @@ def evaluate_run(
 def run_config(run_dir: Path, state: dict[str, Any]) -> RunConfig:
     """The run's full config: ``summary.json``'s when present, else the checkpoint's (runtime fields defaulted)."""
     summary = run_dir / layout.SUMMARY
-    source = summary if summary.is_file() else run_dir / layout.LAST
+    source = summary if summary.is_file() else run_checkpoint.find(run_dir)
     fields = RunSummary.load(summary).config if summary.is_file() else dict(state["config"])
     if not isinstance(fields, dict):
         raise layout.RunFolderError(f"{source}: its run config is not a JSON object")
@@ -376,14 +376,19 @@ def _checkpoints(path: Path) -> tuple[list[Path], Path | None]:
         raise layout.RunFolderError(f"{path} does not exist; pass an A/B folder, a run folder or a checkpoint file")
     if (path / layout.RESULTS_JSON).is_file():
         results = AbResults.load(path)
-        return [path / r.run_dir / layout.LAST for r in results.main_runs() if not r.diverged], path
-    found = checkpoint.find(path)
-    if found is None:
+        runs = [path / r.run_dir for r in results.main_runs() if not r.diverged]
+        return [_run_checkpoint(run) for run in runs], path
+    return [_run_checkpoint(path)], None
+
+
+def _run_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint of a run folder (single-file or ``--fsdp``); ``RunFolderError`` naming it when there is none."""
+    if (found := run_checkpoint.find(run_dir)) is None:
         raise layout.RunFolderError(
-            f"{path} holds no {layout.LAST}, {layout.PREV} or {layout.RESULTS_JSON}: pass an A/B folder (train.ab), "
-            "a run folder (train) or a checkpoint file"
+            f"{run_dir} holds no {layout.LAST}, {layout.LAST_DCP}/ or {layout.RESULTS_JSON}: pass an A/B folder "
+            "(train.ab), a run folder (train) or a checkpoint file"
         )
-    return [found], None
+    return found
 
 
 def parser() -> argparse.ArgumentParser:
@@ -423,13 +428,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for path in map(Path, args.paths):
         paths, ab_folder = _checkpoints(path)
         for ckpt in paths:
-            state = checkpoint.read(ckpt)
+            state = run_checkpoint.read(ckpt)
             config = run_config(ckpt.parent, state)
             if args.eval_samples is not None:
                 config = RunConfig(**(config.to_dict() | {"eval_samples": args.eval_samples}))
             key = json.dumps([config.task, config.data_seed, config.data_options, config.eval_samples])
             task = tasks.setdefault(key, load_task(config))
-            model = checkpoint.load_model(ckpt)
+            model = run_checkpoint.load_model(ckpt)
             names = parse_evaluations(args.evaluate, config.task)
             results.append(evaluate_run(model, type(task)(config, task.splits, state["model_spec"]), ckpt.parent,
                                         names, factors, multiples, device, methods))  # fmt: skip

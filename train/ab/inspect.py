@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from liere.analysis import axis_pairs, commutator_sizes, frequencies, generators
-from train import checkpoint
+from train import run_checkpoint
 from train import run_dir as layout
 from train.ab.stats import spearman
 from train.summaries import AbResults
@@ -132,14 +132,15 @@ def plot_commutator_steps(runs: Sequence[tuple[str, list[dict[str, Any]]]], path
 
 
 def _runs(root: Path) -> list[tuple[str, Path]]:
-    """``(name, run folder)`` pairs: every run of an A/B folder that left a checkpoint, or the folder itself."""
+    """``(name, checkpoint)`` pairs: every run of an A/B folder that left a checkpoint (a file, or a ``--fsdp`` run's
+    DCP folder), or the folder's own run."""
     if (root / layout.RESULTS_JSON).is_file():
-        runs = [(r.run_dir, root / r.run_dir) for r in AbResults.load(root).runs]  # folders inside root only
-        return [(name, folder) for name, folder in runs if (folder / checkpoint.LAST).is_file()]  # diverged: none
-    if (root / checkpoint.LAST).is_file():
-        return [(root.name, root)]
+        runs = [(r.run_dir, run_checkpoint.find(root / r.run_dir)) for r in AbResults.load(root).runs]  # inside root
+        return [(name, found) for name, found in runs if found is not None]  # diverged: none
+    if (found := run_checkpoint.find(root)) is not None:
+        return [(root.name, found)]
     raise layout.RunFolderError(
-        f"run folder {root}: neither {layout.RESULTS_JSON} (train.ab) nor {checkpoint.LAST} (one run) found"
+        f"run folder {root}: neither {layout.RESULTS_JSON} (train.ab) nor {layout.LAST} or {layout.LAST_DCP}/ found"
     )
 
 
@@ -193,8 +194,9 @@ def section(root: str | Path) -> str | None:
     generators."""
     root = Path(root)
     rows, figures, logs, per_run = [], [], [], []
-    for name, folder in _runs(root):
-        info = inspect_model(checkpoint.load_model(folder / checkpoint.LAST))
+    for name, saved in _runs(root):
+        folder = saved.parent
+        info = inspect_model(run_checkpoint.load_model(saved))
         if info is None:
             continue
         figures.append(plot_model(info, name, root / f"inspect_{name}.png").name)

@@ -10,7 +10,7 @@ Prints a markdown table (encoding, parameters, final test metric as mean [95% bo
 writes into the run folder: ``results.md`` (the table), ``results.json`` (configs, per-seed metrics, split
 sizes (``data_sizes``) and the test examples or tokens scored (``scored``), data source, device, versions,
 wall time and, per run, the relative paths of its folder, checkpoint and metrics log plus the model spec that
-rebuilds it: ``train.checkpoint.load_model(folder / run["checkpoint"])``), ``report.md``
+rebuilds it: ``train.run_checkpoint.load_model(folder / run["checkpoint"])``), ``report.md``
 (``train.ab.report``), ``curves.png``, ``final.png``, the evaluation plots and one sub-folder per
 (encoding, seed[, fraction]) run holding ``evaluation.json`` / ``test_correct.pt`` (``train.ab.evaluate``).
 """
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from liere.factory import default_comparison, split_specs
-from train import checkpoint, cli, data, machine
+from train import checkpoint, cli, data, machine, run_checkpoint
 from train import run_dir as layout
 from train.ab import evaluate, plots, report
 from train.loop import (
@@ -318,7 +318,7 @@ def _run_one(
     fresh = not reused or not (job.run_dir / layout.EVALUATION).is_file()
     saved = layout.LAST_DCP if args.fsdp else layout.LAST
     if rank == 0 and job.evaluate and fresh and summary.test_value is not None:
-        model = checkpoint.load_model(job.run_dir / saved)
+        model = run_checkpoint.load_model(job.run_dir / saved)
         evaluate.evaluate_run(model, run_task, job.run_dir, *evaluation, device=summary.device)
     paths = {"checkpoint": f"{job.run_dir.name}/{saved}", "metrics_log": f"{job.run_dir.name}/{layout.METRICS}"}
     run = AbRun(
