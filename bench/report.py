@@ -26,6 +26,7 @@ ORDER = {
     "ops": "Matrix exponential and rotation application (op level)",
     "accuracy": "Matrix exponential accuracy",
     "step": "Training step, every encoding (tiny models)",
+    "step-compile": "Training step, eager and torch.compile'd (tiny ViT)",
     "step-fit-vit": "Training step at the real ViT widths, fitted over batches",
     "step-fit-lm": "Training step at the real char-LM width, fitted over batches",
     "step-memory": "Memory of a training step (small models)",
