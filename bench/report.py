@@ -21,10 +21,12 @@ from bench.common import markdown_table
 RESULTS = Path(__file__).parent / "results"
 OUTPUT = Path(__file__).parents[1] / "BENCHMARKS.md"
 METADATA = ("command", "device", "threads", "torch", "date")
+LOAD_LIMIT = 1.0  # a run whose 1-minute load average reached this is flagged: other processes shared its cores
 ORDER = {
     "ops": "Matrix exponential and rotation application (op level)",
     "accuracy": "Matrix exponential accuracy",
     "step": "Training step, every encoding (tiny models)",
+    "step-compile": "Training step, eager and torch.compile'd (tiny ViT)",
     "step-fit-vit": "Training step at the real ViT widths, fitted over batches",
     "step-fit-lm": "Training step at the real char-LM width, fitted over batches",
     "step-memory": "Memory of a training step (small models)",
@@ -97,6 +99,11 @@ def section(path: Path) -> str:
     machine += [] if "thread" in device else [f"{threads} threads"]
     machine += [results["date"][:10], *([f"load average {load[0]:.1f} at the end of the run"] if load else [])]
     lines = [f"## {ORDER.get(path.stem, path.stem)}", f"`{env}{results['command']}`", "; ".join(machine)]
+    if load and load[0] >= LOAD_LIMIT:
+        lines.append(
+            f"**Warning: measured under load (load average {load[0]:.1f} >= {LOAD_LIMIT:g}): other processes shared "
+            "the cores, so times and fitted lines are unreliable; re-run the command on an idle machine.**"
+        )
     for subtitle, table in tables(harness(path), results):
         lines += [f"**{subtitle}**", table] if subtitle else [table]
     return "\n\n".join(lines)

@@ -343,51 +343,57 @@ def fit_setting(
     """Step times at every ``--fit`` batch (and the ``--check-batch``), all timed round-robin in one run, one
     line ``t(B) = a + b B`` per encoding, and the ratio to the RoPE baseline it predicts at the setting's real
     batch, beside the ratio measured at the smallest batch and (``--check-batch``) the measured and predicted
-    ratios at a larger batch with the line's error there."""
+    ratios at a larger batch with the line's error there. With ``--compile`` every encoding is fitted eager and
+    ``torch.compile``d, each compared with the baseline run the same way."""
     batches = sorted({*args.fit, *([args.check_batch] if args.check_batch else [])})
+    variants = (False, True) if args.compile else (False,)
     steps = {}
     for encoding in encodings:
         torch.manual_seed(0)
         model = build_model(setting, encoding).to(device)
-        for batch in batches:
-            x, y = inputs(dataclasses.replace(setting, batch=batch), device)
-            steps[encoding, batch] = train_step(model, x, y, autocast(device, args.bf16), False)
+        for compiled in variants:
+            for batch in batches:
+                x, y = inputs(dataclasses.replace(setting, batch=batch), device)
+                steps[encoding, compiled, batch] = train_step(model, x, y, autocast(device, args.bf16), compiled)
     times = time_ms(steps, device, args.repeats)
-    lines = {e: fit_line(args.fit, [times[e, b] for b in args.fit]) for e in encodings}
+    lines = {(e, c): fit_line(args.fit, [times[e, c, b] for b in args.fit]) for e in encodings for c in variants}
 
-    def predict(encoding: str, batch: int) -> float:
-        a, slope, _ = lines[encoding]
+    def predict(encoding: str, compiled: bool, batch: int) -> float:
+        a, slope, _ = lines[encoding, compiled]
         return a + slope * batch
 
     baseline, low, check = setting.baseline, min(args.fit), args.check_batch
     rows = []
-    for encoding in encodings:
-        a, slope, residual = lines[encoding]
-        row = dict(
-            model=setting.name,
-            encoding=encoding,
-            fixed_ms=a,
-            per_sample_ms=slope,
-            residual=residual,
-            small_batch=low,
-            small_ratio=times[encoding, low] / times[baseline, low],
-            real_batch=setting.batch,
-            predicted_ratio=predict(encoding, setting.batch) / predict(baseline, setting.batch),
-        )
-        if check:
-            row |= dict(
-                check_batch=check,
-                check_ratio=times[encoding, check] / times[baseline, check],
-                check_predicted_ratio=predict(encoding, check) / predict(baseline, check),
-                check_error=predict(encoding, check) / times[encoding, check] - 1,
+    for compiled in variants:
+        for encoding in encodings:
+            a, slope, residual = lines[encoding, compiled]
+            row = dict(
+                model=setting.name,
+                encoding=encoding,
+                compiled=compiled,
+                fixed_ms=a,
+                per_sample_ms=slope,
+                residual=residual,
+                small_batch=low,
+                small_ratio=times[encoding, compiled, low] / times[baseline, compiled, low],
+                real_batch=setting.batch,
+                predicted_ratio=predict(encoding, compiled, setting.batch) / predict(baseline, compiled, setting.batch),
             )
-        rows.append(row)
+            if check:
+                row |= dict(
+                    check_batch=check,
+                    check_ratio=times[encoding, compiled, check] / times[baseline, compiled, check],
+                    check_predicted_ratio=predict(encoding, compiled, check) / predict(baseline, compiled, check),
+                    check_error=predict(encoding, compiled, check) / times[encoding, compiled, check] - 1,
+                )
+            rows.append(row)
     return rows
 
 
 FIT_COLUMNS = [
     ("model", "model"),
     ("encoding", "encoding"),
+    ("compiled", "compiled"),
     ("fixed_ms", "a (ms)"),
     ("per_sample_ms", "b (ms/sample)"),
     ("residual", "fit residual"),

@@ -18,8 +18,9 @@ fp64):
   the orthogonal group, so it stays orthogonal to working precision at any norm. The backward goes straight
   through the polish. Products per matrix: 5, plus ``s``, plus 2 per polish step (backward: 2 per
   non-polish product). Eagerly it reads ``min s, max s`` and a finiteness flag back to the host in one
-  device sync; under ``torch.compile`` it reads nothing back (no graph break) and does
-  ``COMPILED_SQUARINGS`` masked squarings instead, enough for spectral norms up to
+  device sync; under ``torch.compile`` it reads nothing back (no graph break) and does 8 masked squarings
+  (``torch.cond`` on the largest ``s``) or, when a matrix needs more, ``COMPILED_SQUARINGS`` (also under
+  ``torch.export``), enough for spectral norms up to
   ``~1.6 * 2^COMPILED_SQUARINGS`` (about 1e5); beyond that (or for non-finite input) the compiled call
   raises ``RuntimeError`` asynchronously: raise ``liere.expm.COMPILED_SQUARINGS`` before compiling.
 - ``"auto"``: ``"closed"`` for ``b <= 4``, else ``"taylor_cans"``.
@@ -46,6 +47,7 @@ METHODS = ("auto", "exact", "closed", "taylor_cans")
 _DEGREE = {torch.float32: 12, torch.float64: 20}
 COMPILED_SQUARINGS = 16
 _POLISH_EVERY = 8  # squarings between CANS steps: 2^8 unit stays far below the step's reach
+_SHORT_CHAIN = 8  # compiled: masked squarings when no matrix needs more (a torch.cond picks this or COMPILED_SQUARINGS)
 
 
 def skew_expm(A: Tensor, method: str = "auto") -> Tensor:
@@ -206,15 +208,29 @@ def _taylor_cans(X: Tensor) -> Tensor:
     # after every POLISH_EVERY squarings squares it back to ~unit, and one more ends the chain. The polish
     # moves R along the normal of the group, and R's derivative lies along the group, so the backward
     # skips it (straight through: gradient identity; the error is of the order of the distance polished away)
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # few squarings unless a matrix needs more
+        R = torch.cond(
+            s.amax(0) > _SHORT_CHAIN,
+            lambda R, s, eye: _squarings(R, s, eye, 0, s_max),
+            lambda R, s, eye: _squarings(R, s, eye, 0, _SHORT_CHAIN),
+            (R, s, eye),
+        )
+    else:
+        R = _squarings(R, s, eye, s_min, s_max)
+    if in_func_transform():  # no host check there: a matrix beyond the squarings comes out NaN, not wrong
+        R = torch.where((s_unclamped > s_max)[:, None, None], torch.nan, R)
+    return R.reshape(shape)
+
+
+def _squarings(R: Tensor, s: Tensor, eye: Tensor, s_min: int, s_max: int) -> Tensor:
+    """``R`` squared ``s`` times per matrix (``s_min <= s <= s_max``: the first ``s_min`` unmasked), polished."""
     for i in range(s_max):
         R = R @ R if i < s_min else torch.where((s > i)[:, None, None], R @ R, R)
         if (i + 1) % _POLISH_EVERY == 0 and i + 1 < s_max:
             R = _polish_straight_through(R, eye)
     if s_max:  # unsquared Taylor sums are orthogonal to working precision already
         R = _polish_straight_through(R, eye)
-    if in_func_transform():  # no host check there: a matrix beyond the squarings comes out NaN, not wrong
-        R = torch.where((s_unclamped > s_max)[:, None, None], torch.nan, R)
-    return R.reshape(shape)
+    return R
 
 
 def reads_nothing() -> bool:

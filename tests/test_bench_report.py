@@ -54,3 +54,13 @@ def test_json_without_run_metadata_is_named(tmp_path) -> None:
         report.render(tmp_path)
     with pytest.raises(ValueError, match="holds no benchmark JSON"):
         report.render(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("load", "flagged"), [(0.4, False), (2.4, True)])
+def test_a_table_measured_under_load_is_flagged(tmp_path, load: float, flagged: bool) -> None:
+    rows = [dict(model="ViT-S", encoding="liere64", compiled=c, fixed_ms=1.0, predicted_ratio=1.1) for c in (0, 1)]
+    meta = META | dict(command="python -m bench.step --fit 2 4 8", load_average=[load, 1.0, 1.0], rows=rows)
+    (tmp_path / "step-fit-vit.json").write_text(json.dumps(meta))
+    text = report.render(tmp_path)
+    assert (f"**Warning: measured under load (load average {load:.1f} >= 1)" in text) is flagged
+    assert "| model | encoding | compiled | a (ms) |" in text  # the fit table says which rows are compiled
