@@ -18,7 +18,7 @@ META = dict(device="CPU (1 threads), torch 2.14.1", threads=1, torch="2.14.1", d
 def test_benchmarks_md_is_rendered_from_the_committed_json() -> None:
     expected = report.render(REPO / "bench" / "results")
     assert (REPO / "BENCHMARKS.md").read_text() == expected, "run `python -m bench.report` and commit BENCHMARKS.md"
-    assert len(expected.splitlines()) <= 400
+    assert len(expected.splitlines()) <= 480  # one page: the tables plus their commands and load flags
 
 
 @pytest.mark.slow
