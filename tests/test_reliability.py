@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import checkpoint, loop, machine
+from train import checkpoint, machine, progress
 from train import run_dir as layout
 from train.ab import report
 from train.ab import runner as ab
@@ -295,7 +295,7 @@ def test_jobs_default_to_one_single_thread_run_per_idle_core(monkeypatch):
 
 
 def test_progress_lines_and_estimate_without_a_terminal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # pytest's stderr is no terminal: lines, not a bar
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # pytest's stderr is no terminal: lines, not a bar
     train(_config(steps=12), tmp_path)
     out = capsys.readouterr().out
     assert "ms/step over the first 10 steps, about " in out and " left for 2 steps" in out

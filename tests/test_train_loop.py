@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from train import run_dir as layout
-from train.loop import check_folder, cosine_schedule, param_groups, train
+from train.loop import cosine_schedule, param_groups, train
 from train.presets import RunConfig, preset_config
+from train.run_dir import check_folder
 from train.tasks import SeededOrder, load_task
 
 

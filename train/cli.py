@@ -20,7 +20,8 @@ from liere.encoding import check_positive_int
 from models.blocks import WEIGHT_INITS
 from train import data, machine
 from train.checkpoint import CheckpointError
-from train.loop import Diverged, RankTimeout
+from train.distributed import RankTimeout
+from train.loop import Diverged
 from train.preemption import EXIT_PREEMPTED, Preempted
 from train.run_dir import WriteFailed
 

@@ -1,4 +1,6 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for ``python -m train --fsdp``.
+"""Devices and processes of a training run: the device (``resolve_device``), the ``torchrun`` process group and its
+collectives (``init_distributed``, ``all_reduce``, ``all_gather``, naming silent ranks after a timeout), and FSDP2
+(``torch.distributed.fsdp.fully_shard``) for ``python -m train --fsdp``.
 
 The model is built on the ``meta`` device (no memory, no random numbers), sharded block by block and then as a
 whole, moved to the device with ``to_empty`` and initialised by ``init_weights()``, which gives every rank its shard
@@ -11,7 +13,11 @@ that always gathers fp32 parameters: its frequency and generator math runs in fp
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +30,8 @@ from liere import PositionEncoding
 from liere.factory import parse_spec
 from train.presets import RunConfig, is_text
 from train.tasks import Task
+
+DDP_TIMEOUT_S = 600.0  # default process-group timeout (torch's own default is 30 minutes)
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -122,3 +130,62 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not sharded_modules(model):
         return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+class RankTimeout(RuntimeError):
+    """A collective operation timed out (``--ddp-timeout``): a rank stopped answering."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; under torchrun each process takes GPU ``local_rank``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu' or 'auto'")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def init_distributed(device: torch.device, timeout_s: float = DDP_TIMEOUT_S) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the torchrun process group (nccl on CUDA, gloo on CPU) when launched by it.
+
+    ``timeout_s`` bounds every collective: a rank that stops answering fails the others after that long.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"--ddp-timeout: expected a positive number of seconds, got {timeout_s!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(value: Any, world: int) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a process group. A collective."""
+    if world == 1 or not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def silent_ranks(rank: int, world: int, step: int, grace_s: float) -> list[int] | None:
+    """After a collective timed out: the ranks that do not check in through the rendezvous store within
+    ``grace_s`` seconds (live ranks time out too and check in). None if the store cannot be reached."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"liere/timeout/{rank}", str(step))
+        deadline, others = time.monotonic() + grace_s, [r for r in range(world) if r != rank]
+        while True:
+            silent = [r for r in others if not store.check([f"liere/timeout/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except Exception:  # the store itself may be gone with the stalled process
+        return None

@@ -6,17 +6,16 @@ checkpoints, ``summary.json`` (``train.summaries.RunSummary``) and ``tb/`` when 
 It runs in three parts: ``restore`` (lock the folder, build model and optimizer, load a checkpoint),
 ``train_step`` (one optimizer step, refusing non-finite losses and gradients) and ``finish`` (test metrics
 and the summary). Under ``torchrun`` it trains with ``DistributedDataParallel``, or with ``fsdp=True`` with FSDP2
-(``train.distributed``, sharded checkpoints ``last.dcp/``: ``train.dcp_checkpoint``): rank ``r`` reads its share
-of each seeded global batch, metrics are all-reduced and only rank 0 writes files. SIGTERM or SIGUSR1 stops the
-run after the step in progress, with a checkpoint (``train.preemption``).
+(``train.distributed``: device, process group and FSDP set-up; sharded checkpoints ``last.dcp/``:
+``train.dcp_checkpoint``): rank ``r`` reads its share of each seeded global batch, metrics are all-reduced and only
+rank 0 writes files (``train.progress``: metrics log and progress lines; ``train.run_dir``: folder checks). SIGTERM
+or SIGUSR1 stops the run after the step in progress, with a checkpoint (``train.preemption``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import json
 import math
 import os
 import resource
@@ -32,32 +31,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from liere.analysis import position_metrics
 from liere.weight_decay import no_weight_decay_names
 from models.blocks import is_sharded
 from train import checkpoint, dcp_checkpoint, distributed
 from train import run_dir as layout
+from train.distributed import (
+    DDP_TIMEOUT_S,
+    RankTimeout,
+    all_gather,
+    all_reduce,
+    init_distributed,
+    resolve_device,
+    silent_ranks,
+)
 from train.preemption import Preempted, StopSignals
 from train.presets import RunConfig
+from train.progress import TIMING_WARMUP, MetricsLog, Progress
+from train.run_dir import check_folder
 from train.summaries import Divergence, RunSummary
 from train.tasks import Task, autocast, load_task
 
-TIMING_WARMUP = 5  # first steps of a process left out of the mean step time (allocation, compilation)
-PROGRESS_EVERY_S = 30.0  # progress line interval when stderr is not a terminal (no progress bar)
-DDP_TIMEOUT_S = 600.0  # default process-group timeout (torch's own default is 30 minutes)
 ON_NONFINITE = ("stop", "skip")
 TEST_DIE_AT_STEP = "LIERE_TEST_DIE_AT_STEP"  # tests: SIGKILL the process after this step (a crash)
 
 StepHook = Callable[[int, nn.Module], Mapping[str, float] | None]
 """``hook(step, model)`` runs on every process after each optimizer step; what it returns joins that step's
 ``metrics.jsonl`` record (written by rank 0). It must not run collectives."""
-
-try:
-    from torch.utils.tensorboard import SummaryWriter
-except ImportError:  # tensorboard is optional
-    SummaryWriter = None
 
 
 class Diverged(RuntimeError):
@@ -68,71 +69,12 @@ class Diverged(RuntimeError):
         self.summary = summary
 
 
-class RankTimeout(RuntimeError):
-    """A collective operation timed out (``--ddp-timeout``): a rank stopped answering."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; under torchrun each process takes GPU ``local_rank``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device='cpu' or 'auto'")
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-
-
-def init_distributed(device: torch.device, timeout_s: float = DDP_TIMEOUT_S) -> tuple[int, int]:
-    """``(rank, world_size)``; joins the torchrun process group (nccl on CUDA, gloo on CPU) when launched by it.
-
-    ``timeout_s`` bounds every collective: a rank that stops answering fails the others after that long.
-    """
-    if not timeout_s > 0:
-        raise ValueError(f"--ddp-timeout: expected a positive number of seconds, got {timeout_s!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes (a no-op without a process group)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def resume_window(windows: list[dict[str, float]], rank: int, world: int) -> dict[str, float]:
     """This rank's loss window at a resume: its own on the same number of ranks (the next logged mean equals the
     uninterrupted run's), else every rank gets the mean loss of the saved ones (resharded runs)."""
     if len(windows) == world:
         return windows[rank]
     return windows[0] | {"loss": sum(w["loss"] for w in windows) / len(windows)}
-
-
-def all_gather(value: Any, world: int) -> list[Any]:
-    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a process group. A collective."""
-    if world == 1 or not dist.is_initialized():
-        return [value]
-    values: list[Any] = [None] * world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def silent_ranks(rank: int, world: int, step: int, grace_s: float) -> list[int] | None:
-    """After a collective timed out: the ranks that do not check in through the rendezvous store within
-    ``grace_s`` seconds (live ranks time out too and check in). None if the store cannot be reached."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"liere/timeout/{rank}", str(step))
-        deadline, others = time.monotonic() + grace_s, [r for r in range(world) if r != rank]
-        while True:
-            silent = [r for r in others if not store.check([f"liere/timeout/{r}"])]
-            if not silent or time.monotonic() > deadline:
-                return silent
-            time.sleep(0.2)
-    except Exception:  # the store itself may be gone with the stalled process
-        return None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -166,39 +108,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_rss"}
 
 
-class MetricsLog:
-    """JSONL metrics (and TensorBoard scalars when available); on resume drops records past the checkpoint
-    (and a torn last line, with a warning)."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
-        self.path, self.enabled, self.writer = run_dir / layout.METRICS, enabled, None
-        if not enabled:
-            return
-        kept = [r for r in layout.read_jsonl(self.path) if r.get("step", 0) <= start_step] if self.path.exists() else []
-        layout.write_text(self.path, "".join(json_line(r) for r in kept))
-        if SummaryWriter is not None:
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record (must contain ``step``)."""
-        if not self.enabled:
-            return
-        layout.append_text(self.path, json_line(record))
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One JSONL line."""
-    return json.dumps(record) + "\n"
-
-
 def state_sha256(model: nn.Module) -> str:
     """SHA-256 of the model's (full, also when sharded) state dict (names and exact bytes): equal iff the weights
     are bitwise equal. A collective for a sharded model."""
@@ -228,58 +137,6 @@ def run_guard(config: RunConfig, world_size: int, fsdp: bool = False) -> dict[st
     """What a checkpoint must match to be resumed: the config's trajectory fields and the process count; for
     ``fsdp`` runs, whose sharded checkpoints load on any number of processes, ``fsdp`` instead of the count."""
     return config.trajectory() | ({"fsdp": True} if fsdp else {"world_size": world_size})
-
-
-def format_duration(seconds: float) -> str:
-    """``"4m05s"``, or ``"1h07m"`` from an hour up."""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class Progress:
-    """Progress of one run on rank 0: a tqdm bar on a terminal; otherwise one line every ``PROGRESS_EVERY_S``
-    seconds (step, loss, ms/step, ETA) and, after the first steps, an estimate of the time left."""
-
-    def __init__(self, config: RunConfig, start: int, enabled: bool, bars: bool = True) -> None:
-        self.name, self.total, self.start = f"{config.task} {config.encoding} s{config.seed}", config.steps, start
-        tty = bars and sys.stderr.isatty()
-        self.bar = tqdm(
-            total=config.steps, initial=start, disable=not (enabled and tty), desc=self.name, dynamic_ncols=True
-        )
-        self.lines = enabled and not tty
-        self.t0 = self.last = time.perf_counter()
-        self.estimated, self.loss = False, float("nan")
-
-    def update(self, step: int, loss: float | None = None) -> None:
-        self.bar.update(1)
-        self.loss = self.loss if loss is None else loss
-        if not self.lines:
-            return
-        now, done = time.perf_counter(), step - self.start
-        per_step = (now - self.t0) / done
-        eta = format_duration(per_step * (self.total - step))
-        if not self.estimated and done == 2 * TIMING_WARMUP and step < self.total:
-            self.estimated = True
-            print(
-                f"[train] {self.name}: {1000 * per_step:.0f} ms/step over the first {done} steps, "
-                f"about {eta} left for {self.total - step} steps (plus evaluations)",
-                flush=True,
-            )
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            print(
-                f"[train] {self.name}: step {step}/{self.total}, loss {self.loss:.4f}, "
-                f"{1000 * per_step:.0f} ms/step, ETA {eta}",
-                flush=True,
-            )
-
-    def postfix(self, **values: str) -> None:
-        self.bar.set_postfix(**values)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 @dataclass
@@ -339,17 +196,6 @@ class Run:
             windows=all_gather(self.window, self.world),
             wall_time_s=self.wall_time(),
             skipped=self.skipped,
-        )
-
-
-def check_folder(run_dir: Path, resume: bool, restart: bool = False) -> None:
-    """Refuse (before any data is loaded) to start a fresh run in a folder that holds one, unless ``restart``."""
-    if resume and restart:
-        raise ValueError("--resume continues the run in --out and --restart starts it over: pass one of them")
-    if not (resume or restart) and (found := layout.run_files(run_dir)):
-        raise layout.RunExistsError(
-            f"{run_dir} already holds a run ({found[0]}); pass --resume to continue it, --restart to train it again "
-            "from step 0 (replacing its files), or choose another --out"
         )
 
 

@@ -292,3 +292,14 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def check_folder(run_dir: Path, resume: bool, restart: bool = False) -> None:
+    """Refuse (before any data is loaded) to start a fresh run in a folder that holds one, unless ``restart``."""
+    if resume and restart:
+        raise ValueError("--resume continues the run in --out and --restart starts it over: pass one of them")
+    if not (resume or restart) and (found := run_files(run_dir)):
+        raise RunExistsError(
+            f"{run_dir} already holds a run ({found[0]}); pass --resume to continue it, --restart to train it again "
+            "from step 0 (replacing its files), or choose another --out"
+        )

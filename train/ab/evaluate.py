@@ -30,7 +30,7 @@ from models.vit import COORD_SCALES
 from train import cli, data, run_checkpoint, torch_files
 from train import run_dir as layout
 from train.ab import report
-from train.loop import resolve_device
+from train.distributed import resolve_device
 from train.presets import RunConfig, is_text
 from train.summaries import AbResults, RunSummary
 from train.tasks import Task, _generator, autocast, load_task

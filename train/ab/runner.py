@@ -37,16 +37,10 @@ from liere.factory import default_comparison, split_specs
 from train import checkpoint, cli, data, machine, run_checkpoint
 from train import run_dir as layout
 from train.ab import evaluate, plots, report
-from train.loop import (
-    Diverged,
-    find_checkpoint,
-    format_duration,
-    init_distributed,
-    resolve_device,
-    run_guard,
-    train,
-)
+from train.distributed import init_distributed, resolve_device
+from train.loop import Diverged, find_checkpoint, run_guard, train
 from train.presets import PRESETS, RunConfig, is_text, preset_config
+from train.progress import format_duration
 from train.summaries import AbResults, AbRun, RunSummary
 from train.tasks import Task, load_task, with_encoding
 
