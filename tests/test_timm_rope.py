@@ -77,17 +77,21 @@ def test_switching_a_ported_model_keeps_the_logits_and_trains_the_new_encoding(f
     assert any(p.grad.abs().sum() > 0 for p in model.liere_encoding.parameters())
 
 
+def assert_train_forward_equal(port: torch.nn.Module, eva: torch.nn.Module, images: torch.Tensor, seed: int) -> None:
+    """The port and timm's model give the same training-mode logits under the same random draws."""
+    torch.manual_seed(seed)
+    expected = eva.train()(images)
+    torch.manual_seed(seed)
+    torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dinov3_train_time_coordinate_augmentation_matches_timm():
     name, kwargs = FAMILIES["dinov3"]
     torch.manual_seed(0)
     augment = dict(rope_shift_coords=0.5, rope_jitter_coords=1.5, rope_rescale_coords=2.0)
     eva = timm.create_model(name, pretrained=False, depth=2, num_classes=5, drop_path_rate=0.0, **kwargs, **augment)
     images = torch.randn(2, 3, *kwargs["img_size"])
-    port = port_timm_rope(copy.deepcopy(eva))
-    torch.manual_seed(3)
-    expected = eva.train()(images)
-    torch.manual_seed(3)
-    torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
+    assert_train_forward_equal(port_timm_rope(copy.deepcopy(eva)), eva, images, seed=3)
 
 
 @pytest.mark.parametrize("family", ["naver-mixed", "eva02"])
@@ -97,10 +101,7 @@ def test_patch_dropout_keeps_each_samples_rotations_and_intermediates_match(fami
     eva = timm.create_model(name, pretrained=False, depth=2, num_classes=5, patch_drop_rate=0.5, **kwargs)
     images = torch.randn(3, 3, *kwargs["img_size"])
     port = port_timm_rope(copy.deepcopy(eva))
-    torch.manual_seed(5)
-    expected = eva.train()(images)
-    torch.manual_seed(5)
-    torch.testing.assert_close(port.train()(images), expected, rtol=1e-5, atol=1e-5)
+    assert_train_forward_equal(port, eva, images, seed=5)
     with torch.no_grad():
         ours = port.eval().forward_intermediates(images, intermediates_only=True)
         theirs = eva.eval().forward_intermediates(images, intermediates_only=True)
